@@ -1,0 +1,1 @@
+"""Routing policies: one class per router behind `policies.base.Policy`, one registry."""

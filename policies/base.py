@@ -1,0 +1,75 @@
+"""The `Policy` protocol and a base class with harmless defaults.
+
+A policy is constructed from validated params, gets a `PolicyContext` once before the run
+(`setup`), then answers `route` for every query with a `Decision` (data, never a side effect
+on the cluster). Feedback and cluster changes arrive through the `on_*`/`feedback` hooks.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict
+
+from sim.types import Answer, ClusterView, Decision, Feedback, LLMInfo, PolicyContext, Query
+
+
+class NoParams(BaseModel):
+    """Params model for policies without parameters (any key is an error)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """What the engine calls. `route` must do O(#LLMs) work: precompute in `setup`."""
+
+    name: str
+    uses_ground_truth: bool
+
+    def setup(self, ctx: PolicyContext) -> None: ...
+
+    def route(self, query: Query, view: ClusterView) -> Decision: ...
+
+    def feedback(self, fb: Feedback) -> None: ...
+
+    def on_answer(self, query: Query, answer: Answer, view: ClusterView) -> Decision | None: ...
+
+    def on_llm_added(self, llm: LLMInfo) -> None: ...
+
+    def on_llm_removed(self, name: str) -> None: ...
+
+
+class BasePolicy:
+    """Defaults: ignore feedback, accept every answer, nothing to do on cluster changes.
+
+    Subclasses set `name`, optionally `Params` (a pydantic model with extra="forbid") and
+    `label` (e.g. "upper bound"), and implement `route`.
+    """
+
+    name: ClassVar[str] = "base"
+    label: ClassVar[str] = ""
+    uses_ground_truth: ClassVar[bool] = False
+    Params: ClassVar[type[BaseModel]] = NoParams
+
+    def __init__(self, params: BaseModel | None = None):
+        self.params = params if params is not None else self.Params()
+        self.ctx: PolicyContext | None = None
+
+    def setup(self, ctx: PolicyContext) -> None:
+        self.ctx = ctx
+
+    def route(self, query: Query, view: ClusterView) -> Decision:  # pragma: no cover
+        raise NotImplementedError
+
+    def feedback(self, fb: Feedback) -> None:
+        return None
+
+    def on_answer(self, query: Query, answer: Answer, view: ClusterView) -> Decision | None:
+        return None
+
+    def on_llm_added(self, llm: LLMInfo) -> None:
+        return None
+
+    def on_llm_removed(self, name: str) -> None:
+        return None

@@ -1,0 +1,90 @@
+"""Policies registered by name. A duplicate name raises; an unknown name lists the choices.
+
+Built-in policies register when their module is imported; `_BUILTIN_MODULES` lists them so
+`create` and `names` see every policy without the caller importing modules by hand.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import ValidationError
+
+from policies.base import BasePolicy
+from sim.errors import PolicyError
+
+_REGISTRY: dict[str, type[BasePolicy]] = {}
+_BUILTIN_MODULES = (
+    "policies.baselines",
+    "policies.oracle",
+)
+_loaded = False
+
+
+def register(cls: type[BasePolicy]) -> type[BasePolicy]:
+    """Class decorator: register `cls` under `cls.name`."""
+    name = cls.name
+    if name in _REGISTRY and _REGISTRY[name] is not cls:
+        raise PolicyError(
+            f"policy name {name!r} is already registered by {_REGISTRY[name].__module__}."
+            f"{_REGISTRY[name].__qualname__}; names must be unique",
+            field="name",
+        )
+    _REGISTRY[name] = cls
+    return cls
+
+
+def _load_builtins() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for mod in _BUILTIN_MODULES:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as exc:
+            # Only tolerate a missing optional module, never a broken import inside one.
+            if exc.name != mod:
+                raise
+
+
+def names() -> list[str]:
+    """Registered policy names, sorted."""
+    _load_builtins()
+    return sorted(_REGISTRY)
+
+
+def get(name: str, *, field: str = "policy") -> type[BasePolicy]:
+    """The class registered as `name`; an unknown name lists the choices."""
+    _load_builtins()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise PolicyError(
+            f"unknown policy {name!r}; choose one of: {', '.join(names())}", field=field
+        ) from None
+
+
+def validate_params(name: str, params: Mapping[str, Any] | None, *, field: str = "policy"):
+    """Validate `params` against the policy's Params model; errors name the param."""
+    cls = get(name, field=field)
+    try:
+        return cls.Params.model_validate(dict(params or {}))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        allowed = ""
+        if err["type"] == "extra_forbidden":
+            allowed = f"; allowed params: {', '.join(cls.Params.model_fields) or '(none)'}"
+        raise PolicyError(
+            f"{err['msg']} (got {err.get('input')!r}){allowed}",
+            field=f"{field}.params.{loc}" if loc else f"{field}.params",
+        ) from None
+
+
+def create(name: str, params: Mapping[str, Any] | None = None, *, field: str = "policy"):
+    """A new policy instance with validated params."""
+    cls = get(name, field=field)
+    return cls(validate_params(name, params, field=field))

@@ -1,0 +1,206 @@
+"""The `routesim` command (composition root): run, validate, list.
+
+Bad input (any RouteSimError) prints one clear line naming the file, the field and the rule,
+and exits with code 2, without a traceback and without creating an output directory.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from sim.errors import RouteSimError
+from sim.scenario import (
+    DEFAULT_SCENARIO,
+    Scenario,
+    builtin_scenarios,
+    load_scenario,
+)
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=False,
+    help="Discrete-event simulator of routed LLM clusters.",
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+EXIT_BAD_INPUT = 2
+
+
+def fail(exc: BaseException) -> None:
+    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+    raise typer.Exit(EXIT_BAD_INPUT)
+
+
+def load_for_cli(scenario: str | None, data: str | None = None) -> Scenario:
+    sc = load_scenario(scenario or DEFAULT_SCENARIO)
+    if data is not None:
+        if not Path(data).is_file():
+            raise RouteSimError("no such file", source=data, field="--data")
+        wl = sc.workload.model_copy(update={"path": str(Path(data).resolve())})
+        sc = sc.model_copy(update={"workload": wl})
+    return sc
+
+
+def _fmt(v, spec: str = ".1f", suffix: str = "") -> str:
+    if v is None or v != v:
+        return "-"
+    return f"{v:{spec}}{suffix}"
+
+
+def results_table(summaries: list[dict], title: str) -> Table:
+    """Per policy (mean over seeds): quality %, cost %, p95 wait, SLO, rejected+abandoned."""
+    import polars as pl
+
+    from sim.runner import summaries_frame
+
+    df = summaries_frame(summaries)
+    agg = (
+        df.group_by("policy", maintain_order=True)
+        .agg(
+            pl.col("quality_pct_of_reference").mean(),
+            pl.col("cost_pct_of_reference").mean(),
+            pl.col("p95_wait_s").mean(),
+            pl.col("slo_attainment").mean(),
+            pl.col("rejected_or_abandoned_share").mean(),
+            pl.col("upper_bound").first(),
+            pl.len().alias("seeds"),
+        )
+    )
+    t = Table(title=title)
+    for col in ("policy", "quality %", "cost %", "p95 wait s", "SLO attainment",
+                "rejected+abandoned", "seeds"):
+        t.add_column(col, justify="left" if col == "policy" else "right")
+    for r in agg.iter_rows(named=True):
+        name = r["policy"] + (" (upper bound)" if r["upper_bound"] else "")
+        t.add_row(
+            name,
+            _fmt(r["quality_pct_of_reference"]),
+            _fmt(r["cost_pct_of_reference"]),
+            _fmt(r["p95_wait_s"], ".2f"),
+            _fmt(None if r["slo_attainment"] is None else 100 * r["slo_attainment"], ".1f", "%"),
+            _fmt(None if r["rejected_or_abandoned_share"] is None
+                 else 100 * r["rejected_or_abandoned_share"], ".1f", "%"),
+            str(r["seeds"]),
+        )
+    return t
+
+
+@app.command()
+def run(
+    scenario: Annotated[str | None, typer.Argument(
+        help="scenario YAML or built-in name (default: the built-in load spike)")] = None,
+    policy: Annotated[list[str] | None, typer.Option(
+        "--policy", "-p", help="policy name (repeat); default: the scenario's list")] = None,
+    seeds: Annotated[int, typer.Option(min=1, help="replications (seed, seed+1, ...)")] = 1,
+    out: Annotated[Path, typer.Option(help="output directory")] = Path("runs"),
+    data: Annotated[str | None, typer.Option(
+        help="workload data file (overrides workload.path)")] = None,
+    report: Annotated[bool, typer.Option(help="write OUT/report.html")] = True,
+) -> None:
+    """Simulate every (policy, seed) of a scenario and compare them."""
+    from sim.runner import resolve_policies
+    from sim.runner import run as run_all
+
+    try:
+        sc = load_for_cli(scenario, data)
+        specs = resolve_policies(sc, policy)
+    except RouteSimError as exc:
+        fail(exc)
+    total = len(specs) * seeds
+    horizon = sc.duration_s + (sc.run.drain_s or 0.0)
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed:.1f}"
+        "/{task.total:.0f} runs"), TimeElapsedColumn(), console=console, transient=False,
+    ) as prog:
+        task = prog.add_task(f"{sc.name}", total=total)
+        done = {"n": 0}
+
+        def on_progress(label: str, t: float) -> None:
+            frac = min(t / horizon, 1.0) if horizon > 0 else 1.0
+            prog.update(task, completed=done["n"] + frac, description=f"{sc.name}: {label}")
+
+        def on_done(_summary: dict) -> None:
+            done["n"] += 1
+            prog.update(task, completed=done["n"])
+
+        try:
+            res = run_all(sc, specs, seeds, out, keep_requests=False,
+                          on_progress=on_progress, on_run_done=on_done)
+        except RouteSimError as exc:
+            prog.stop()
+            fail(exc)
+    console.print(results_table(res.summaries, f"{sc.name}: {total} run(s), "
+                                               f"SLO p95 wait <= {sc.slo.p95_wait_s}s"))
+    if report:
+        try:
+            from reports.html import write_run_report
+        except ImportError:
+            write_run_report = None
+        if write_run_report is not None:
+            path = write_run_report(out)
+            console.print(f"report: {path}")
+    console.print(f"outputs: {out}/ (summary.parquet, {sc.name}/<policy>/seed<k>/)")
+
+
+@app.command()
+def validate(
+    file: Annotated[str, typer.Argument(help="scenario YAML")],
+) -> None:
+    """Check a scenario file (and its policies) without running it."""
+    from sim.runner import resolve_policies
+
+    try:
+        sc = load_scenario(file)
+        specs = resolve_policies(sc)
+    except RouteSimError as exc:
+        fail(exc)
+    console.print(
+        f"[green]ok[/]: {file}: scenario {sc.name!r}, {len(sc.llms)} LLM(s), "
+        f"{len(sc.events)} event(s), policies: {', '.join(s.display for s in specs)}"
+    )
+
+
+@app.command("list")
+def list_things() -> None:
+    """Registered policies and built-in scenarios."""
+    from policies import registry
+
+    t = Table(title="policies")
+    t.add_column("name")
+    t.add_column("params")
+    t.add_column("note")
+    for name in registry.names():
+        cls = registry.get(name)
+        params = ", ".join(cls.Params.model_fields) or "-"
+        t.add_row(name, params, cls.label or (cls.__doc__ or "").strip().splitlines()[0])
+    console.print(t)
+    s = Table(title="built-in scenarios")
+    s.add_column("name")
+    s.add_column("what it shows")
+    from sim.scenario import builtin_scenario_path
+
+    for name in builtin_scenarios():
+        path = builtin_scenario_path(name)
+        first = ""
+        if path is not None:
+            lines = [ln[1:].strip() for ln in path.read_text().splitlines() if ln.startswith("#")]
+            first = " ".join(lines)[:110]
+        s.add_row(name, first)
+    console.print(s)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

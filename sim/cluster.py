@@ -1,0 +1,210 @@
+"""LLM deployments: replicas x slots, one FCFS queue each, token-speed service times.
+
+State that policies may observe lives in the arrays of one `ClusterView` (compact over the
+deployments currently in the cluster); the engine mutates it in place, so a decision reads
+it for free. The cluster knows nothing about policies: it starts, queues and finishes jobs.
+
+Batching model: a replica decodes up to `slots` sequences at once; a sequence's decode speed
+is decode_tps / (1 + batching_slowdown * (k - 1)), with k the sequences on that replica when
+it starts (fixed for its lifetime: an approximation of continuous batching that keeps one
+completion event per job instead of re-timing every running job on each arrival).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from collections.abc import Sequence
+
+import numpy as np
+
+from sim.scenario import LLMSpec
+from sim.types import ClusterView, Workload
+
+# Job states
+QUEUED, RUNNING, DONE, CANCELLED = 0, 1, 2, 3
+
+
+class Job:
+    """One LLM call of a request (a request has several with retries, cascades or top-k)."""
+
+    __slots__ = (
+        "rid",
+        "dep",
+        "replica",
+        "enq_s",
+        "start_s",
+        "deadline",
+        "state",
+        "cost_usd",
+        "service_s",
+        "ttft_s",
+        "primary",
+        "token",
+    )
+
+    def __init__(self, rid: int, dep: Deployment, enq_s: float, deadline: float, primary: bool):
+        self.rid = rid
+        self.dep = dep
+        self.replica = -1
+        self.enq_s = enq_s
+        self.start_s = float("nan")
+        self.deadline = deadline
+        self.state = QUEUED
+        self.cost_usd = 0.0
+        self.service_s = 0.0
+        self.ttft_s = 0.0
+        self.primary = primary
+        self.token = 0
+
+
+class Deployment:
+    """Mutable state of one LLM deployment."""
+
+    __slots__ = (
+        "spec",
+        "idx",
+        "name",
+        "col",
+        "up",
+        "active",
+        "running",
+        "queue",
+        "qheap",
+        "n_queued",
+        "speed_factor",
+        "price_in",
+        "price_out",
+        "bucket",
+        "bucket_t",
+        "present",
+        "vi",
+        "mean_service_s",
+    )
+
+    def __init__(self, spec: LLMSpec, idx: int, col: int, mean_service_s: float):
+        self.spec = spec
+        self.idx = idx  # index among every deployment of the run (recorded `llm` codes)
+        self.name = spec.name
+        self.col = col  # workload model column
+        self.up = [True] * spec.replicas
+        self.active = [0] * spec.replicas
+        self.running: list[set[Job]] = [set() for _ in range(spec.replicas)]
+        self.queue: deque[Job] = deque()
+        self.qheap: list[tuple[float, int, Job]] = []  # (deadline, seq, job) lazy abandonment
+        self.n_queued = 0
+        self.speed_factor = 1.0  # service-time multiplier (slowdown events)
+        self.price_in = spec.price_in_per_mtok
+        self.price_out = spec.price_out_per_mtok
+        self.bucket = spec.rate_limit_per_s or 0.0  # token bucket (1 s burst)
+        self.bucket_t = 0.0
+        self.present = False
+        self.vi = -1  # index in the current ClusterView
+        self.mean_service_s = mean_service_s
+
+    @property
+    def up_replicas(self) -> int:
+        return sum(self.up)
+
+    def free_replica(self) -> int:
+        """The up replica with the fewest running sequences and a free slot, or -1."""
+        best, best_k = -1, self.spec.slots
+        for r, k in enumerate(self.active):
+            if k < best_k and self.up[r]:
+                best, best_k = r, k
+        return best
+
+    def take_rate_token(self, now: float) -> bool:
+        rate = self.spec.rate_limit_per_s
+        if rate is None:
+            return True
+        self.bucket = min(rate, self.bucket + (now - self.bucket_t) * rate)
+        self.bucket_t = now
+        if self.bucket >= 1.0:
+            self.bucket -= 1.0
+            return True
+        return False
+
+
+def expected_service_s(spec: LLMSpec, mean_in: float, mean_out: float) -> float:
+    """Service time of an average request on an idle replica (initial wait estimates)."""
+    if spec.service is not None:
+        return spec.service.mean_s
+    return spec.first_token_s + mean_in / spec.prefill_tps + mean_out / spec.decode_tps
+
+
+class Cluster:
+    """All deployments of one run and the `ClusterView` over the present ones."""
+
+    def __init__(self, specs: Sequence[LLMSpec], workload: Workload, initial: Sequence[str]):
+        mean_in = float(workload.input_tokens.mean()) if workload.n else 0.0
+        self.deployments: list[Deployment] = []
+        for i, spec in enumerate(specs):
+            col = workload.models.index(spec.model_name)
+            mean_out = float(workload.output_tokens[:, col].mean()) if workload.n else 0.0
+            self.deployments.append(
+                Deployment(spec, i, col, expected_service_s(spec, mean_in, mean_out))
+            )
+        self.by_name = {d.name: d for d in self.deployments}
+        for name in initial:
+            self.by_name[name].present = True
+        self.present: list[Deployment] = []
+        self.view: ClusterView
+        self.rebuild_view(now=0.0)
+
+    def rebuild_view(self, now: float) -> None:
+        """Recreate the compact view after a membership change (rare)."""
+        self.present = [d for d in self.deployments if d.present]
+        for i, d in enumerate(self.present):
+            d.vi = i
+        for d in self.deployments:
+            if not d.present:
+                d.vi = -1
+        ps = self.present
+        self.view_codes = np.array([d.idx for d in ps], dtype=np.int64)
+        self.view = ClusterView(
+            names=tuple(d.name for d in ps),
+            models=tuple(d.spec.model_name for d in ps),
+            model_cols=np.array([d.col for d in ps], dtype=np.int64),
+            price_in_per_mtok=np.array([d.price_in for d in ps], dtype=float),
+            price_out_per_mtok=np.array([d.price_out for d in ps], dtype=float),
+            up=np.array([d.up_replicas > 0 for d in ps], dtype=bool),
+            capacity=np.array([d.up_replicas * d.spec.slots for d in ps], dtype=np.int64),
+            busy=np.array([sum(d.active) for d in ps], dtype=np.int64),
+            queue_len=np.array([d.n_queued for d in ps], dtype=np.int64),
+            max_queue=np.array([d.spec.max_queue for d in ps], dtype=np.int64),
+            mean_service_s=np.array([d.mean_service_s for d in ps], dtype=float),
+            now=now,
+        )
+
+    def refresh_capacity(self, d: Deployment) -> None:
+        if d.vi >= 0:
+            self.view.up[d.vi] = d.up_replicas > 0
+            self.view.capacity[d.vi] = d.up_replicas * d.spec.slots
+
+    def refresh_prices(self, d: Deployment) -> None:
+        if d.vi >= 0:
+            self.view.price_in_per_mtok[d.vi] = d.price_in
+            self.view.price_out_per_mtok[d.vi] = d.price_out
+
+    # ------------------------------------------------------------------------- queueing
+    def enqueue(self, job: Job, seq: int) -> None:
+        d = job.dep
+        d.queue.append(job)
+        d.n_queued += 1
+        if d.vi >= 0:
+            self.view.queue_len[d.vi] = d.n_queued
+        if job.deadline != float("inf"):
+            heapq.heappush(d.qheap, (job.deadline, seq, job))
+
+    def leave_queue(self, job: Job) -> None:
+        """Bookkeeping for a job that leaves the queue (started, abandoned or re-offered)."""
+        d = job.dep
+        d.n_queued -= 1
+        if d.vi >= 0:
+            self.view.queue_len[d.vi] = d.n_queued
+
+    def set_active(self, d: Deployment, replica: int, delta: int) -> None:
+        d.active[replica] += delta
+        if d.vi >= 0:
+            self.view.busy[d.vi] += delta

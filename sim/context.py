@@ -1,0 +1,94 @@
+"""Builds what a policy is given before the run, from a workload and the scenario's LLMs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from sim.errors import ScenarioError
+from sim.scenario import LLMSpec
+from sim.types import (
+    SPLIT_TRAIN,
+    SPLIT_VALID,
+    GroundTruth,
+    LLMInfo,
+    PolicyContext,
+    TrainingSet,
+    Workload,
+)
+
+
+def llm_info(spec: LLMSpec, workload: Workload, *, field: str = "llms") -> LLMInfo:
+    """Public facts about one deployment; its model must exist in the workload."""
+    model = spec.model_name
+    if model not in workload.models:
+        raise ScenarioError(
+            f"LLM {spec.name!r} serves model {model!r}, which workload {workload.name!r} has "
+            f"no data for; models with data: {', '.join(workload.models)}",
+            field=f"{field}.model",
+        )
+    return LLMInfo(
+        name=spec.name,
+        model=model,
+        model_col=workload.models.index(model),
+        price_in_per_mtok=spec.price_in_per_mtok,
+        price_out_per_mtok=spec.price_out_per_mtok,
+    )
+
+
+def training_set(workload: Workload) -> TrainingSet:
+    rows = np.flatnonzero((workload.split == SPLIT_TRAIN) | (workload.split == SPLIT_VALID))
+    return TrainingSet(
+        rows=rows,
+        models=workload.models,
+        quality=workload.quality[rows],
+        output_tokens=workload.output_tokens[rows],
+        valid_mask=workload.split[rows] == SPLIT_VALID,
+    )
+
+
+def build_policy_context(
+    workload: Workload,
+    llms: Sequence[LLMSpec],
+    *,
+    reference_llm: str,
+    rng: np.random.Generator,
+    patience_mean_s: float | None = None,
+    cache_dir: str | None = None,
+    with_ground_truth: bool = False,
+    train: TrainingSet | None = None,
+) -> PolicyContext:
+    """The `PolicyContext` for the initial `llms`; ground truth only when asked for."""
+    gt = None
+    if with_ground_truth:
+        gt = GroundTruth(
+            models=workload.models,
+            quality=workload.quality,
+            output_tokens=workload.output_tokens,
+        )
+    return PolicyContext(
+        llms=tuple(llm_info(s, workload, field=f"llms.{i}") for i, s in enumerate(llms)),
+        workload_models=workload.models,
+        features=workload.features,
+        task=workload.task,
+        task_names=workload.task_names,
+        input_tokens=workload.input_tokens,
+        train=train if train is not None else training_set(workload),
+        texts=workload.texts,
+        reference_llm=reference_llm,
+        patience_mean_s=patience_mean_s,
+        rng=rng,
+        cache_dir=cache_dir,
+        ground_truth=gt,
+    )
+
+
+def request_cost_usd(
+    input_tokens: np.ndarray | int,
+    output_tokens: np.ndarray | float,
+    price_in_per_mtok: np.ndarray | float,
+    price_out_per_mtok: np.ndarray | float,
+):
+    """USD for one answer (vectorised): tokens times list prices per 1M tokens."""
+    return (input_tokens * price_in_per_mtok + output_tokens * price_out_per_mtok) / 1e6

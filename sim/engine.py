@@ -1,0 +1,599 @@
+"""Runs one (scenario, policy, seed) in a SimPy environment.
+
+Lifecycle of a request: arrival -> policy.route -> queue at the chosen deployment (rejected
+when down, full or rate-limited) -> wait (abandoned when the user's patience runs out) ->
+service -> completion (quality and cost realised) -> maybe feedback after a delay.
+A job that fails in an outage is re-offered to the policy up to `run.max_retries` times;
+queued jobs of a removed deployment are re-offered (not counted as retries).
+Every request ends in exactly one recorded outcome.
+
+Two exact shortcuts keep the event loop lean (one SimPy event per arrival and one per
+service): abandonment and feedback delivery are evaluated lazily. A queued job whose
+deadline passed is marked abandoned *at its deadline* the next time anything looks at its
+queue (a decision, a dispatch, a timeline sample), so every observation sees the exact
+state. Feedback due at time t is handed to the policy before the first decision at or after
+t, which is the only moment the policy's state matters.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+import simpy
+
+from sim.arrivals import arrival_times
+from sim.cluster import CANCELLED, DONE, QUEUED, RUNNING, Cluster, Deployment, Job
+from sim.context import build_policy_context
+from sim.errors import RouteSimError
+from sim.feedback import draw_users
+from sim.record import (
+    ABANDONED,
+    COMPLETED,
+    FAILED,
+    REJECTED,
+    GrowingColumns,
+    RequestRecorder,
+)
+from sim.scenario import Scenario
+from sim.types import Answer, Decision, Feedback, LLMInfo, Query, Workload
+
+# Order matters: appending a subsystem at the end keeps existing streams unchanged.
+SUBSYSTEMS = ("arrivals", "workload", "sampling", "users", "feedback", "service", "judge", "policy")
+
+
+def subsystem_rngs(seed: int) -> dict[str, np.random.Generator]:
+    """One Generator per subsystem, spawned from the scenario seed."""
+    children = np.random.SeedSequence(seed).spawn(len(SUBSYSTEMS))
+    return {name: np.random.default_rng(s) for name, s in zip(SUBSYSTEMS, children, strict=True)}
+
+
+def subsystem_seed(seed: int, name: str) -> np.random.SeedSequence:
+    return np.random.SeedSequence(seed).spawn(len(SUBSYSTEMS))[SUBSYSTEMS.index(name)]
+
+
+@dataclass(frozen=True, eq=False)
+class Inputs:
+    """Everything exogenous for one (scenario, seed): identical for every policy."""
+
+    workload: Workload
+    arrival_s: np.ndarray
+    rows: np.ndarray
+    users: object  # sim.feedback.UserDraws
+    exp1: np.ndarray  # Exp(1) per request: service-time override draws (common numbers)
+    norm: np.ndarray  # N(0, 1) per request
+
+
+def prepare_inputs(scenario: Scenario, workload: Workload, seed: int) -> Inputs:
+    """Arrivals, query rows and user behaviour for a seed, computed in batch."""
+    from sim.workload import sample_query_rows
+
+    rngs = subsystem_rngs(seed)
+    t = arrival_times(scenario.arrivals, scenario.duration_s, rngs["arrivals"])
+    mix_changes = [(e.at_s, e.mix_change.mix) for e in scenario.events if e.mix_change is not None]
+    rows = sample_query_rows(workload, scenario.workload, t, mix_changes, rngs["sampling"])
+    users = draw_users(t.size, scenario.users, scenario.feedback, rngs["users"], rngs["feedback"])
+    svc = rngs["service"]
+    return Inputs(
+        workload, t, rows, users, svc.exponential(1.0, t.size), svc.standard_normal(t.size)
+    )
+
+
+@dataclass(eq=False)
+class _TopK:
+    pending: int
+    keep: str
+    results: list  # (quality, job)
+
+
+class Simulation:
+    """One run. Build, then `run()`; results are columnar frames."""
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        policy,
+        inputs: Inputs,
+        *,
+        seed: int,
+        cache_dir: str | None = None,
+        progress: Callable[[float], None] | None = None,
+    ):
+        self.sc = scenario
+        self.policy = policy
+        self.inp = inputs
+        self.wl = inputs.workload
+        self.seed = seed
+        self.progress = progress
+        self.env = simpy.Environment()
+        rngs = subsystem_rngs(seed)
+        self.service_rng = rngs["service"]
+        self.judge_rng = rngs["judge"]
+        # Fresh service stream for retries/escalations: the per-request draws in `inputs`
+        # already consumed the first numbers of the "service" stream.
+        self.service_rng = np.random.default_rng(subsystem_seed(seed, "service").spawn(1)[0])
+        all_specs = scenario.all_llms()
+        self.cluster = Cluster(all_specs, self.wl, [s.name for s in scenario.llms])
+        self.names = [s.name for s in all_specs]
+        n = inputs.arrival_s.size
+        self.n = n
+        self.rec = RequestRecorder(n, self.names)
+        self.timeline = GrowingColumns(
+            ["t_s", "llm", "queue_len", "busy", "capacity", "up_replicas", "completed"]
+        )
+        self.events = GrowingColumns(["t_s", "kind", "llm", "detail"])
+        self._fb_heap: list[tuple[float, int, Feedback]] = []
+        self._seq = 0
+        self._next = 0
+        self._topk: dict[int, _TopK] = {}
+        self._in_system = 0
+        self._done_count = [0] * len(all_specs)
+        self._wants_answers = _overrides(policy, "on_answer")
+        self._wants_feedback = _overrides(policy, "feedback")
+        ref = scenario.llm(scenario.workload.reference_llm)
+        self._ref = ref
+        # Policy setup: public query attributes + training ground truth only.
+        ctx = build_policy_context(
+            self.wl,
+            scenario.llms,
+            reference_llm=ref.name,
+            rng=rngs["policy"],
+            patience_mean_s=scenario.users.patience_s.mean if scenario.users.patience_s else None,
+            cache_dir=cache_dir,
+            with_ground_truth=bool(getattr(policy, "uses_ground_truth", False)),
+        )
+        policy.setup(ctx)
+        # Hot-path locals.
+        c = self.rec.cols
+        self._c_arr = inputs.arrival_s
+        self._rows = inputs.rows
+        self._in_tok = self.wl.input_tokens
+        self._task = self.wl.task
+        self._quality = self.wl.quality
+        self._out_tok = self.wl.output_tokens
+        self._patience = inputs.users.patience_s
+        c["arrival_s"][:] = inputs.arrival_s
+        c["wait_s"][:] = 0.0
+        c["row"][:] = inputs.rows
+        c["task"][:] = self.wl.task[inputs.rows]
+        c["input_tokens"][:] = self.wl.input_tokens[inputs.rows]
+        ref_col = self.wl.models.index(ref.model_name)
+        c["ref_quality"][:] = self.wl.quality[inputs.rows, ref_col]
+        c["ref_cost_usd"][:] = (
+            c["input_tokens"] * ref.price_in_per_mtok
+            + self.wl.output_tokens[inputs.rows, ref_col] * ref.price_out_per_mtok
+        ) / 1e6
+
+    # ------------------------------------------------------------------------- run loop
+    def run(self) -> RunResult:
+        env = self.env
+        sc = self.sc
+        for i, ev in enumerate(sorted(sc.events, key=lambda e: e.at_s)):
+            t = env.timeout(ev.at_s, value=(i, ev))
+            t.callbacks.append(self._on_event)
+        if self.n:
+            first = env.timeout(float(self._c_arr[0]))
+            first.callbacks.append(self._on_arrival)
+        env.process(self._sampler())
+        horizon = math.inf if sc.run.drain_s is None else sc.duration_s + sc.run.drain_s
+        if horizon == math.inf:
+            env.run(until=self._drained())
+        else:
+            env.run(until=horizon)
+        self._expire_all(env.now)
+        return self._result(env.now)
+
+    def _drained(self):
+        done = self.env.event()
+
+        def check():
+            while True:
+                yield self.env.timeout(self.sc.run.sample_every_s)
+                if self._next >= self.n and self._in_system == 0:
+                    done.succeed()
+                    return
+
+        self.env.process(check())
+        return done
+
+    def _sampler(self):
+        env = self.env
+        step = self.sc.run.sample_every_s
+        tl = self.timeline
+        while True:
+            now = env.now
+            self._expire_all(now)
+            for d in self.cluster.present:
+                tl.append(
+                    now,
+                    d.name,
+                    d.n_queued,
+                    sum(d.active),
+                    d.up_replicas * d.spec.slots,
+                    d.up_replicas,
+                    self._done_count[d.idx],
+                )
+            if self.progress is not None:
+                self.progress(now)
+            yield env.timeout(step)
+
+    # ------------------------------------------------------------------------- arrivals
+    def _on_arrival(self, _ev) -> None:
+        rid = self._next
+        self._next += 1
+        self._in_system += 1
+        now = self.env.now
+        if self._fb_heap and self._fb_heap[0][0] <= now:
+            self._deliver_feedback(now)
+        self._expire_all(now)
+        self._offer(rid, 0, now)
+        if self._next < self.n:
+            nxt = self.env.timeout(float(self._c_arr[self._next]) - now)
+            nxt.callbacks.append(self._on_arrival)
+
+    def _query(self, rid: int, attempt: int) -> Query:
+        row = int(self._rows[rid])
+        return Query(
+            rid, row, float(self._c_arr[rid]), int(self._in_tok[row]), int(self._task[row]), attempt
+        )
+
+    def _offer(self, rid: int, attempt: int, now: float) -> None:
+        """Ask the policy and submit its decision's job(s)."""
+        view = self.cluster.view
+        view.now = now
+        q = self._query(rid, attempt)
+        dec: Decision = self.policy.route(q, view)
+        if attempt == 0:
+            self._record_decision(rid, dec, view)
+        if dec.extra:
+            self._topk[rid] = _TopK(1 + len(dec.extra), dec.keep, [])
+            self._submit(rid, dec.llm, now, True)
+            for name in dec.extra:
+                self._submit(rid, name, now, False)
+        else:
+            self._submit(rid, dec.llm, now, True)
+
+    def _record_decision(self, rid: int, dec: Decision, view) -> None:
+        if dec.scores is None and not dec.terms:
+            return
+        cand = self.cluster.view_codes
+        if dec.scores is not None:
+            self.rec.decision_terms(rid, cand, "score", dec.scores)
+            vi = view._index.get(dec.llm)
+            if vi is not None:
+                self.rec.cols["score"][rid] = dec.scores[vi]
+        if dec.terms:
+            for term, vals in dec.terms.items():
+                self.rec.decision_terms(rid, cand, term, vals)
+
+    def _submit(self, rid: int, name: str, now: float, primary: bool) -> None:
+        d = self.cluster.by_name.get(name)
+        if d is None or not d.present:
+            present = ", ".join(self.cluster.view.names)
+            raise RouteSimError(
+                f"policy {getattr(self.policy, 'name', '?')!r} chose {name!r}, which is not in "
+                f"the cluster at t={now:.3f}s; choose one of: {present}",
+                field="decision.llm",
+            )
+        cols = self.rec.cols
+        cols["attempts"][rid] += 1
+        job = Job(rid, d, now, now + self._patience[rid], primary)
+        if d.up_replicas == 0 or d.n_queued >= d.spec.max_queue or not d.take_rate_token(now):
+            job.state = DONE
+            self._job_ended(job, REJECTED, now)
+            return
+        r = d.free_replica() if d.n_queued == 0 else -1
+        if r >= 0:
+            self._start(job, r, now)
+        else:
+            self._seq += 1
+            self.cluster.enqueue(job, self._seq)
+
+    def _start(self, job: Job, r: int, now: float) -> None:
+        d = job.dep
+        spec = d.spec
+        rid = job.rid
+        self.cluster.set_active(d, r, +1)
+        d.running[r].add(job)
+        job.replica = r
+        job.state = RUNNING
+        job.start_s = now
+        self.rec.cols["wait_s"][rid] += now - job.enq_s
+        row = self._rows[rid]
+        out = float(self._out_tok[row, d.col])
+        inp = int(self._in_tok[row])
+        if spec.service is None:
+            k = d.active[r]
+            ttft = spec.first_token_s + inp / spec.prefill_tps
+            decode = out / (spec.decode_tps / (1.0 + spec.batching_slowdown * (k - 1)))
+            svc = (ttft + decode) * d.speed_factor
+            ttft *= d.speed_factor
+        else:
+            svc = self._override_service(job) * d.speed_factor
+            ttft = svc
+        job.service_s = svc
+        job.ttft_s = ttft
+        job.cost_usd = (inp * d.price_in + out * d.price_out) / 1e6
+        # Running estimate of service time for est_wait (EWMA over recent jobs).
+        d.mean_service_s += 0.02 * (svc - d.mean_service_s)
+        if d.vi >= 0:
+            self.cluster.view.mean_service_s[d.vi] = d.mean_service_s
+        ev = self.env.timeout(svc, value=(job, job.token))
+        ev.callbacks.append(self._on_complete)
+
+    def _override_service(self, job: Job) -> float:
+        o = job.dep.spec.service
+        first = job.primary and self.rec.cols["attempts"][job.rid] == 1
+        if o.kind == "deterministic":
+            return o.mean_s
+        if o.kind == "exponential":
+            e = self.inp.exp1[job.rid] if first else self.service_rng.exponential()
+            return o.mean_s * float(e)
+        z = self.inp.norm[job.rid] if first else self.service_rng.standard_normal()
+        s2 = math.log1p(o.cv**2)
+        return math.exp(math.log(o.mean_s) - s2 / 2 + math.sqrt(s2) * float(z))
+
+    # ----------------------------------------------------------------------- completion
+    def _on_complete(self, ev) -> None:
+        job, token = ev.value
+        if job.state != RUNNING or job.token != token:
+            return  # failed in an outage after this completion was scheduled
+        now = self.env.now
+        d = job.dep
+        r = job.replica
+        job.state = DONE
+        d.running[r].discard(job)
+        self.cluster.set_active(d, r, -1)
+        self._done_count[d.idx] += 1
+        self._dispatch(d, now)
+        self._job_ended(job, COMPLETED, now)
+
+    def _dispatch(self, d: Deployment, now: float) -> None:
+        """Fill free slots of up replicas from the FCFS queue (skipping abandoned jobs)."""
+        q = d.queue
+        while q:
+            r = d.free_replica()
+            if r < 0:
+                return
+            job = q.popleft()
+            if job.state != QUEUED:
+                continue
+            self.cluster.leave_queue(job)
+            if job.deadline <= now:
+                job.state = CANCELLED
+                self.rec.cols["wait_s"][job.rid] += job.deadline - job.enq_s
+                self._job_ended(job, ABANDONED, job.deadline)
+                continue
+            self._start(job, r, now)
+
+    def _expire_all(self, now: float) -> None:
+        for d in self.cluster.present:
+            h = d.qheap
+            while h and h[0][0] <= now:
+                deadline, _, job = heapq.heappop(h)
+                if job.state == QUEUED:
+                    job.state = CANCELLED
+                    self.cluster.leave_queue(job)
+                    self.rec.cols["wait_s"][job.rid] += deadline - job.enq_s
+                    self._job_ended(job, ABANDONED, deadline)
+
+    def _job_ended(self, job: Job, outcome: int, t: float) -> None:
+        """Route a job's end to its request: finish it, retry, escalate or wait (top-k)."""
+        rid = job.rid
+        cols = self.rec.cols
+        if outcome == COMPLETED:
+            cols["cost_usd"][rid] += job.cost_usd
+        else:
+            job.service_s = float("nan")
+        tk = self._topk.get(rid)
+        if tk is not None:
+            if outcome == COMPLETED:
+                tk.results.append((float(self._quality[self._rows[rid], job.dep.col]), job))
+            tk.pending -= 1
+            if tk.pending == 0:
+                del self._topk[rid]
+                if tk.results:
+                    if tk.keep == "best_realised":
+                        qual, kept = max(tk.results, key=lambda p: p[0])
+                    else:
+                        prim = [p for p in tk.results if p[1].primary]
+                        qual, kept = prim[0] if prim else tk.results[0]
+                    self._finish(rid, COMPLETED, t, kept, qual, wait=kept.start_s - kept.enq_s)
+                else:
+                    self._finish(rid, outcome, t, job)
+            return
+        if outcome == COMPLETED:
+            qual = float(self._quality[self._rows[rid], job.dep.col])
+            if self._wants_answers:
+                nxt = self._ask_escalation(job, qual, t)
+                if nxt is not None:
+                    self._submit(rid, nxt.llm, t, True)
+                    return
+            self._finish(rid, COMPLETED, t, job, qual)
+        elif outcome == FAILED and cols["retries"][rid] < self.sc.run.max_retries:
+            cols["retries"][rid] += 1
+            self._offer(rid, int(cols["attempts"][rid]), t)
+        else:
+            self._finish(rid, outcome, t, job)
+
+    def _ask_escalation(self, job: Job, qual: float, now: float) -> Decision | None:
+        noise = self.sc.judge.noise
+        score = qual + (noise * float(self.judge_rng.standard_normal()) if noise else 0.0)
+        ans = Answer(job.dep.name, min(1.0, max(0.0, score)), job.cost_usd, now - job.enq_s)
+        view = self.cluster.view
+        view.now = now
+        attempts = int(self.rec.cols["attempts"][job.rid])
+        return self.policy.on_answer(self._query(job.rid, attempts), ans, view)
+
+    def _finish(
+        self,
+        rid: int,
+        outcome: int,
+        t: float,
+        job: Job,
+        qual: float = float("nan"),
+        wait: float | None = None,
+    ) -> None:
+        cols = self.rec.cols
+        self._in_system -= 1
+        cols["outcome"][rid] = outcome
+        cols["end_s"][rid] = t
+        cols["llm"][rid] = job.dep.idx
+        arr = self._c_arr[rid]
+        if outcome == COMPLETED:
+            if wait is not None:
+                cols["wait_s"][rid] = wait
+            cols["start_s"][rid] = job.start_s
+            cols["service_s"][rid] = job.service_s
+            cols["ttft_s"][rid] = job.start_s + job.ttft_s - arr
+            cols["latency_s"][rid] = t - arr
+            cols["quality"][rid] = qual
+            cols["output_tokens"][rid] = self._out_tok[self._rows[rid], job.dep.col]
+            users = self.inp.users
+            if users.gives_feedback[rid]:
+                reward = users.reward(rid, qual)
+                due = t + float(users.delay_s[rid])
+                refined = users.spec.mode == "refined"
+                cols["feedback"][rid] = round(100 * reward) if refined else int(reward)
+                cols["feedback_s"][rid] = due
+                if self._wants_feedback:
+                    self._seq += 1
+                    fb = Feedback(rid, int(self._rows[rid]), job.dep.name, reward, due, refined)
+                    heapq.heappush(self._fb_heap, (due, self._seq, fb))
+
+    def _deliver_feedback(self, now: float) -> None:
+        h = self._fb_heap
+        while h and h[0][0] <= now:
+            _, _, fb = heapq.heappop(h)
+            self.policy.feedback(fb)
+
+    # --------------------------------------------------------------------------- events
+    def _on_event(self, ev) -> None:
+        i, e = ev.value
+        now = self.env.now
+        self._expire_all(now)
+        act = e.action
+        cl = self.cluster
+        if act == "add_llm":
+            spec = e.add_llm
+            d = cl.by_name[spec.name]
+            d.present = True
+            cl.rebuild_view(now)
+            self.policy.on_llm_added(
+                LLMInfo(spec.name, spec.model_name, d.col, d.price_in, d.price_out)
+            )
+            self.events.append(now, act, spec.name, f"replicas={spec.replicas}")
+        elif act == "remove_llm":
+            d = cl.by_name[e.remove_llm]
+            d.present = False
+            queued = [j for j in d.queue if j.state == QUEUED]
+            d.queue.clear()
+            d.qheap.clear()
+            d.n_queued = 0
+            cl.rebuild_view(now)
+            self.policy.on_llm_removed(d.name)
+            self.events.append(now, act, d.name, f"requeued={len(queued)}")
+            for job in queued:
+                job.state = CANCELLED
+                self.rec.cols["wait_s"][job.rid] += now - job.enq_s
+                if job.rid in self._topk:  # a fan-out copy is dropped, not re-offered
+                    self._job_ended(job, REJECTED, now)
+                else:
+                    self._offer(job.rid, int(self.rec.cols["attempts"][job.rid]), now)
+        elif act == "outage":
+            o = e.outage
+            d = cl.by_name[o.llm]
+            n_down = o.replicas or d.spec.replicas
+            downed = [r for r in range(d.spec.replicas) if d.up[r]][-n_down:]
+            failed: list[Job] = []
+            for r in downed:
+                d.up[r] = False
+                failed.extend(d.running[r])
+                d.running[r] = set()
+                cl.set_active(d, r, -d.active[r])
+            cl.refresh_capacity(d)
+            self.events.append(now, act, d.name, f"replicas_down={len(downed)}")
+            back = self.env.timeout(o.duration_s, value=(d, downed))
+            back.callbacks.append(self._on_recover)
+            for job in sorted(failed, key=lambda j: j.rid):
+                job.state = DONE
+                job.token += 1
+                self._job_ended(job, FAILED, now)
+        elif act == "price_change":
+            p = e.price_change
+            d = cl.by_name[p.llm]
+            if p.price_in_per_mtok is not None:
+                d.price_in = p.price_in_per_mtok
+            if p.price_out_per_mtok is not None:
+                d.price_out = p.price_out_per_mtok
+            cl.refresh_prices(d)
+            self.events.append(now, act, d.name, f"in={d.price_in} out={d.price_out}")
+        elif act == "slowdown":
+            s = e.slowdown
+            d = cl.by_name[s.llm]
+            d.speed_factor = s.factor
+            self.events.append(now, act, d.name, f"factor={s.factor}")
+            if s.duration_s is not None:
+                back = self.env.timeout(s.duration_s, value=d)
+                back.callbacks.append(self._on_slowdown_end)
+        elif act == "mix_change":
+            mix = ",".join(f"{k}:{v}" for k, v in e.mix_change.mix.items())
+            self.events.append(now, act, None, mix)
+
+    def _on_recover(self, ev) -> None:
+        d, downed = ev.value
+        now = self.env.now
+        for r in downed:
+            d.up[r] = True
+        self.cluster.refresh_capacity(d)
+        self.events.append(now, "recover", d.name, f"replicas_up={len(downed)}")
+        self._expire_all(now)
+        if d.present:
+            self._dispatch(d, now)
+
+    def _on_slowdown_end(self, ev) -> None:
+        d = ev.value
+        d.speed_factor = 1.0
+        self.events.append(self.env.now, "slowdown_end", d.name, "factor=1.0")
+
+    # -------------------------------------------------------------------------- results
+    def _result(self, end_s: float) -> RunResult:
+        wait = self.rec.cols["wait_s"]
+        for d in self.cluster.deployments:  # in flight while queued: count the wait so far
+            for job in d.queue:
+                if job.state == QUEUED:
+                    wait[job.rid] += end_s - job.enq_s
+        requests = self.rec.frame()
+        timeline = self.timeline.frame(
+            {
+                "t_s": pl.Float64,
+                "llm": pl.Utf8,
+                "queue_len": pl.Int64,
+                "busy": pl.Int64,
+                "capacity": pl.Int64,
+                "up_replicas": pl.Int64,
+                "completed": pl.Int64,
+            }
+        )
+        events = self.events.frame(
+            {"t_s": pl.Float64, "kind": pl.Utf8, "llm": pl.Utf8, "detail": pl.Utf8}
+        )
+        return RunResult(requests, timeline, events, end_s)
+
+
+@dataclass(frozen=True, eq=False)
+class RunResult:
+    requests: pl.DataFrame
+    timeline: pl.DataFrame
+    events: pl.DataFrame
+    end_s: float
+
+
+def _overrides(policy, method: str) -> bool:
+    """Whether the policy implements `method` itself (not the harmless base default)."""
+    fn = getattr(type(policy), method, None)
+    return fn is not None and not getattr(fn, "__qualname__", "").startswith("BasePolicy.")

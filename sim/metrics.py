@@ -1,0 +1,139 @@
+"""Summaries of one run: quality/cost vs the reference LLM, waits, SLO, shares, saturation.
+
+Definitions (over requests that arrived after warm-up):
+- quality % = sum of realised quality (0 for a request not completed) / sum of the reference
+  LLM's ground-truth quality on the same queries;
+- cost % = total cost / cost of answering the same queries with the reference LLM;
+so a router cannot look good by dropping hard queries.
+- waits are over requests that reached service or gave up (rejections wait 0 and count as
+  SLO misses, so shedding load does not buy SLO attainment);
+- SLO attainment = share of measured requests completed with wait <= slo.p95_wait_s.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from sim.record import OUTCOMES
+from sim.scenario import Scenario
+
+SUMMARY_KEYS = (
+    "scenario",
+    "policy",
+    "seed",
+    "arrived",
+    "completed",
+    "rejected",
+    "abandoned",
+    "failed",
+    "in_flight",
+    "quality_pct_of_reference",
+    "cost_pct_of_reference",
+    "total_cost_usd",
+    "mean_wait_s",
+    "p50_wait_s",
+    "p95_wait_s",
+    "p99_wait_s",
+    "p50_latency_s",
+    "p95_latency_s",
+    "p99_latency_s",
+    "slo_attainment",
+    "rejected_or_abandoned_share",
+    "route_share",
+    "saturation",
+)
+
+
+def _pct(x: np.ndarray, q: float) -> float:
+    return float(np.percentile(x, q)) if x.size else float("nan")
+
+
+def saturation_labels(
+    timeline: pl.DataFrame, scenario: Scenario, rejected_by_llm: dict[str, int]
+) -> dict[str, str]:
+    """Per LLM over the arrival period after warm-up:
+
+    - overloaded: it rejected requests, or its queue grew over the second half of the
+      arrival period by more than its capacity (a backlog still building when arrivals stop);
+    - backlogged: a queue was present in more than half of the samples (sustained waiting);
+    - stable: otherwise.
+    """
+    out: dict[str, str] = {}
+    if timeline.is_empty():
+        return out
+    tl = timeline.filter(
+        (pl.col("t_s") >= scenario.warmup_s) & (pl.col("t_s") <= scenario.duration_s)
+    )
+    mid = (scenario.warmup_s + scenario.duration_s) / 2
+    for llm in timeline["llm"].unique(maintain_order=True).to_list():
+        s = tl.filter(pl.col("llm") == llm)
+        if s.is_empty():
+            out[llm] = "stable"
+            continue
+        q = s["queue_len"].to_numpy()
+        cap = max(int(s["capacity"].max() or 1), 1)
+        late = s.filter(pl.col("t_s") >= mid)["queue_len"].to_numpy()
+        growth = float(late[-1] - late[0]) if late.size > 1 else 0.0
+        if rejected_by_llm.get(llm, 0) > 0 or growth > cap:
+            out[llm] = "overloaded"
+        elif float((q > 0).mean()) > 0.5:
+            out[llm] = "backlogged"
+        else:
+            out[llm] = "stable"
+    return out
+
+
+def summarize(
+    requests: pl.DataFrame, timeline: pl.DataFrame, scenario: Scenario, policy: str, seed: int
+) -> dict[str, Any]:
+    """The summary.json of one run (all DESIGN.md keys)."""
+    m = requests.filter(pl.col("arrival_s") >= scenario.warmup_s)
+    n = m.height
+    counts = {o: int((m["outcome"] == o).sum()) for o in OUTCOMES}
+    quality = m["quality"].fill_nan(0.0).fill_null(0.0).sum()
+    ref_q = float(m["ref_quality"].sum())
+    cost = float(m["cost_usd"].sum())
+    ref_c = float(m["ref_cost_usd"].sum())
+    waited = m.filter(pl.col("outcome").is_in(["completed", "abandoned", "rejected", "failed"]))
+    wait = waited["wait_s"].to_numpy()
+    done = m.filter(pl.col("outcome") == "completed")
+    lat = done["latency_s"].to_numpy()
+    slo = scenario.slo.p95_wait_s
+    met = int((done["wait_s"] <= slo).sum())
+    shares = {}
+    routed = m.filter(pl.col("llm").is_not_null())
+    if routed.height:
+        vc = routed["llm"].value_counts()
+        shares = {r["llm"]: r["count"] / routed.height for r in vc.iter_rows(named=True)}
+    rej = m.filter(pl.col("outcome") == "rejected")
+    rej_by = (
+        {r["llm"]: r["count"] for r in rej["llm"].value_counts().iter_rows(named=True)}
+        if rej.height
+        else {}
+    )
+    return {
+        "scenario": scenario.name,
+        "policy": policy,
+        "seed": seed,
+        "arrived": n,
+        **counts,
+        "quality_pct_of_reference": 100.0 * float(quality) / ref_q if ref_q > 0 else None,
+        "cost_pct_of_reference": 100.0 * cost / ref_c if ref_c > 0 else None,
+        "total_cost_usd": cost,
+        "mean_wait_s": float(wait.mean()) if wait.size else None,
+        "p50_wait_s": _pct(wait, 50),
+        "p95_wait_s": _pct(wait, 95),
+        "p99_wait_s": _pct(wait, 99),
+        "p50_latency_s": _pct(lat, 50),
+        "p95_latency_s": _pct(lat, 95),
+        "p99_latency_s": _pct(lat, 99),
+        "slo_attainment": met / n if n else None,
+        "rejected_or_abandoned_share": (counts["rejected"] + counts["abandoned"]) / n
+        if n
+        else None,
+        "route_share": dict(sorted(shares.items())),
+        "saturation": saturation_labels(timeline, scenario, rej_by),
+    }

@@ -1,0 +1,143 @@
+"""Columnar recording: preallocated numpy columns, one row per request, written as parquet.
+
+Arrivals are generated before the run, so the number of requests is known and every column
+is allocated once (no per-request dicts or objects kept until the end). Output columns are
+declared once, here, with units in their names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+# Outcome codes (exactly one per request).
+COMPLETED, REJECTED, ABANDONED, FAILED, IN_FLIGHT = 0, 1, 2, 3, 4
+OUTCOMES = ("completed", "rejected", "abandoned", "failed", "in_flight")
+
+# name -> (numpy dtype, fill value). Times in seconds from the start of the run.
+REQUEST_COLUMNS: dict[str, tuple[str, float | int]] = {
+    "arrival_s": ("f8", np.nan),
+    "row": ("i4", -1),  # workload row (the query)
+    "task": ("i2", -1),
+    "input_tokens": ("i4", 0),
+    "llm": ("i2", -1),  # index into the run's LLM names; the deployment whose answer was kept
+    "outcome": ("i1", IN_FLIGHT),
+    "attempts": ("i2", 0),  # LLM calls made (retries, escalations, top-k fan-out)
+    "retries": ("i2", 0),  # re-offers after an outage failure
+    "start_s": ("f8", np.nan),  # service start of the kept answer
+    "end_s": ("f8", np.nan),  # completion, rejection, abandonment or failure time
+    "wait_s": ("f8", np.nan),  # arrival -> service start of the kept answer (all queueing)
+    "ttft_s": ("f8", np.nan),  # arrival -> first token of the kept answer
+    "service_s": ("f8", np.nan),
+    "latency_s": ("f8", np.nan),  # arrival -> last token
+    "output_tokens": ("f4", np.nan),
+    "cost_usd": ("f8", 0.0),  # every billed attempt
+    "quality": ("f4", np.nan),  # realised quality of the kept answer (NaN: not completed)
+    "ref_quality": ("f4", np.nan),  # reference LLM's ground-truth quality on this query
+    "ref_cost_usd": ("f8", np.nan),  # what the reference LLM would have cost
+    "feedback": ("i1", -1),  # -1 none; binary 0/1; refined mode stores round(100 * reward)
+    "feedback_s": ("f8", np.nan),  # when the feedback reached the router
+    "score": ("f4", np.nan),  # the chosen deployment's decision score (first decision)
+}
+
+
+class RequestRecorder:
+    """Preallocated per-request columns plus per-candidate decision matrices."""
+
+    def __init__(self, n: int, llm_names: Sequence[str]):
+        self.n = n
+        self.llm_names = list(llm_names)
+        self.cols: dict[str, np.ndarray] = {
+            name: np.full(n, fill, dtype=dtype) for name, (dtype, fill) in REQUEST_COLUMNS.items()
+        }
+        # term name -> (n, n_llms) float32, allocated on first use (NaN where not a candidate)
+        self.terms: dict[str, np.ndarray] = {}
+
+    def decision_terms(self, rid: int, cand_idx: np.ndarray, term: str, values: np.ndarray):
+        mat = self.terms.get(term)
+        if mat is None:
+            mat = np.full((self.n, len(self.llm_names)), np.nan, dtype=np.float32)
+            self.terms[term] = mat
+        mat[rid, cand_idx] = values
+
+    def frame(self, request_id_offset: int = 0) -> pl.DataFrame:
+        data: dict[str, Any] = {"request_id": np.arange(self.n, dtype=np.int64)}
+        for name, arr in self.cols.items():
+            data[name] = arr
+        df = pl.DataFrame(data)
+        names = pl.Series("n", self.llm_names + [None], dtype=pl.Utf8)
+        llm_idx = self.cols["llm"].astype(np.int64)
+        llm_idx = np.where(llm_idx < 0, len(self.llm_names), llm_idx)
+        df = df.with_columns(
+            pl.Series("llm", names.gather(llm_idx)),
+            pl.Series("outcome", np.array(OUTCOMES)[self.cols["outcome"]]),
+        ).with_columns(
+            pl.when(pl.col("feedback") >= 0).then(pl.col("feedback")).otherwise(None)
+            .alias("feedback")
+        )
+        extra = {}
+        for term, mat in self.terms.items():
+            for j, llm in enumerate(self.llm_names):
+                extra[f"{term}__{llm}"] = mat[:, j]
+        if extra:
+            df = df.hstack(pl.DataFrame(extra))
+        return df
+
+
+class GrowingColumns:
+    """Append-only numeric columns (timeline samples, events) without per-row dicts."""
+
+    def __init__(self, names: Sequence[str]):
+        self._data: dict[str, list] = {n: [] for n in names}
+
+    def append(self, *values) -> None:
+        for col, v in zip(self._data.values(), values, strict=True):
+            col.append(v)
+
+    def frame(self, schema: dict[str, Any] | None = None) -> pl.DataFrame:
+        return pl.DataFrame(self._data, schema=schema)
+
+
+# ----------------------------------------------------------------------------- atomic I/O
+def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temp file in the same directory, then rename (no partial files)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        write(tmp_path)
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def write_parquet(df: pl.DataFrame, path: str | Path) -> None:
+    _atomic(Path(path), lambda p: df.write_parquet(p))
+
+
+def write_json(obj: Any, path: str | Path) -> None:
+    text = json.dumps(obj, indent=2, sort_keys=False, default=_json_default)
+    _atomic(Path(path), lambda p: p.write_text(text + "\n", encoding="utf-8"))
+
+
+def write_text(text: str, path: str | Path) -> None:
+    _atomic(Path(path), lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

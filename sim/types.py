@@ -1,0 +1,214 @@
+"""Core data types shared by the engine, the policies and the reports.
+
+Everything a policy may see is here: `Query` (no ground truth), `ClusterView` (read-only
+state of the deployments), `PolicyContext` (what a policy gets once, before the run) and the
+data it answers with (`Decision`). Ground truth lives in `Workload` and reaches a policy only
+through `PolicyContext.ground_truth`, which the engine fills only for policies that declare
+`uses_ground_truth = True` (the oracle, an upper bound).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+SPLIT_TRAIN = 0
+SPLIT_TEST = 1
+SPLIT_VALID = 2
+SPLIT_NAMES = {"train": SPLIT_TRAIN, "test": SPLIT_TEST, "validation": SPLIT_VALID}
+
+
+@dataclass(frozen=True, eq=False)
+class Workload:
+    """A pool of queries with hidden per-model ground truth, all columnar.
+
+    Row i is one distinct query. Columns of `quality` / `output_tokens` follow `models`
+    (workload model names; a scenario LLM refers to one through `LLMSpec.model`).
+    `features` is the embedding (or embedding stand-in) policies learn from; it is computed
+    for every row before the run so no encoder runs per request.
+    """
+
+    name: str
+    models: tuple[str, ...]
+    features: np.ndarray  # (n, d) float32, L2-normalised rows
+    task: np.ndarray  # (n,) int16 index into task_names (public: eval_name / task family)
+    task_names: tuple[str, ...]
+    input_tokens: np.ndarray  # (n,) int32
+    quality: np.ndarray  # (n, m) float32 in [0, 1]; ground truth, hidden from policies
+    output_tokens: np.ndarray  # (n, m) float32; ground truth, hidden from policies
+    split: np.ndarray  # (n,) int8: SPLIT_TRAIN / SPLIT_TEST / SPLIT_VALID
+    texts: tuple[str, ...] | None = None  # prompt texts when the workload has them
+
+    @property
+    def n(self) -> int:
+        return int(self.features.shape[0])
+
+    def model_index(self, model: str) -> int:
+        try:
+            return self.models.index(model)
+        except ValueError:
+            raise KeyError(model) from None
+
+    def rows(self, split: int) -> np.ndarray:
+        return np.flatnonzero(self.split == split)
+
+
+@dataclass(frozen=True, eq=False)
+class TrainingSet:
+    """Ground truth of the training and validation rows only: what a learned router may fit
+    and tune on. Fit on `rows[~valid_mask]`, choose knobs on `rows[valid_mask]`; test rows
+    are never here."""
+
+    rows: np.ndarray  # (n_train,) indices into the workload
+    models: tuple[str, ...]
+    quality: np.ndarray  # (n_train, m)
+    output_tokens: np.ndarray  # (n_train, m)
+    valid_mask: np.ndarray  # (n_train,) bool: True for validation rows
+
+    def column(self, model: str) -> int:
+        return self.models.index(model)
+
+
+@dataclass(frozen=True, eq=False)
+class GroundTruth:
+    """Per-row truth for every model: given only to upper-bound policies (oracle)."""
+
+    models: tuple[str, ...]
+    quality: np.ndarray  # (n, m)
+    output_tokens: np.ndarray  # (n, m)
+
+
+@dataclass(frozen=True, eq=False)
+class LLMInfo:
+    """What a policy knows about one deployment: its name, model and list prices."""
+
+    name: str
+    model: str
+    model_col: int  # column of `model` in the workload (features/predictions are per model)
+    price_in_per_mtok: float
+    price_out_per_mtok: float
+
+
+@dataclass(frozen=True, eq=False)
+class PolicyContext:
+    """Handed once to `Policy.setup` before the run.
+
+    `features`, `task` and `input_tokens` cover every workload row (they are public query
+    attributes); `train` holds ground truth for training rows only.
+    """
+
+    llms: tuple[LLMInfo, ...]
+    workload_models: tuple[str, ...]
+    features: np.ndarray
+    task: np.ndarray
+    task_names: tuple[str, ...]
+    input_tokens: np.ndarray
+    train: TrainingSet
+    texts: tuple[str, ...] | None
+    reference_llm: str
+    patience_mean_s: float | None  # users' mean tolerable wait, if the scenario has one
+    rng: np.random.Generator
+    cache_dir: str | None = None
+    ground_truth: GroundTruth | None = None
+
+
+@dataclass(slots=True)
+class Query:
+    """One request as a policy sees it: no ground truth, only public attributes."""
+
+    id: int  # request id (unique per run)
+    row: int  # workload row: index into PolicyContext.features and precomputed predictions
+    arrival_s: float
+    input_tokens: int
+    task: int
+    attempt: int = 0  # 0 for the first offer; >0 when re-offered after failure or removal
+
+
+@dataclass(slots=True)
+class Decision:
+    """A policy's answer for one query, as data.
+
+    `llm` is the chosen deployment name. `scores`, when given, is one score per
+    `ClusterView.names` entry (recorded as `score__<llm>`); `terms` maps a term name (e.g.
+    "quality", "cost", "uncertainty", "penalty") to per-candidate arrays aligned the same way
+    (recorded as `<term>__<llm>`). `extra` sends the same query also to these deployments
+    (top-k); `keep` says which answer the user receives: "primary" (the `llm` answer) or
+    "best_realised" (the best of all answers: an upper bound, labelled so in reports).
+    """
+
+    llm: str
+    scores: np.ndarray | None = None
+    terms: Mapping[str, np.ndarray] | None = None
+    extra: tuple[str, ...] = ()
+    keep: str = "primary"
+
+
+@dataclass(slots=True)
+class Answer:
+    """What the router learns when an attempt completes (for cascades).
+
+    `judge_score` is a noisy scorer's view of the answer's quality in [0, 1] (FrugalGPT's
+    answer scorer): the realised quality plus the scenario's `judge.noise`, clipped.
+    """
+
+    llm: str
+    judge_score: float
+    cost_usd: float
+    latency_s: float
+
+
+@dataclass(slots=True)
+class Feedback:
+    """One user's reaction, delivered to `Policy.feedback` after its delay."""
+
+    query_id: int
+    row: int
+    llm: str
+    reward: float  # binary: 0.0 / 1.0; refined: continuous in [0, 1]
+    time_s: float
+    refined: bool = False
+
+
+@dataclass(eq=False)
+class ClusterView:
+    """Read-only, cheap view of the deployments at decision time.
+
+    Arrays are aligned with `names` (deployments currently in the cluster, including ones in
+    an outage). The engine updates them in place; policies must not write to them.
+    `est_wait_s` is the expected queueing delay for a request sent now.
+    """
+
+    names: tuple[str, ...]
+    models: tuple[str, ...]
+    model_cols: np.ndarray  # int: workload column per deployment
+    price_in_per_mtok: np.ndarray
+    price_out_per_mtok: np.ndarray
+    up: np.ndarray  # bool: at least one replica up (routable)
+    capacity: np.ndarray  # int: up replicas x slots
+    busy: np.ndarray  # int: sequences in service
+    queue_len: np.ndarray  # int: requests waiting
+    max_queue: np.ndarray  # int
+    mean_service_s: np.ndarray  # float: running estimate of service time
+    now: float = 0.0
+    _index: dict[str, int] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self._index = {n: i for i, n in enumerate(self.names)}
+
+    def index(self, name: str) -> int:
+        return self._index[name]
+
+    @property
+    def est_wait_s(self) -> np.ndarray:
+        """Expected wait: work ahead of a new arrival spread over the up capacity."""
+        cap = np.maximum(self.capacity, 1)
+        ahead = np.maximum(self.queue_len + self.busy - self.capacity + 1, 0)
+        wait = ahead * self.mean_service_s / cap
+        return np.where(self.up, wait, np.inf)
+
+    @property
+    def accepting(self) -> np.ndarray:
+        """Deployments that would not reject a request now (up and queue not full)."""
+        return self.up & (self.queue_len < self.max_queue)
