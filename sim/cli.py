@@ -198,6 +198,23 @@ def list_things() -> None:
     console.print(s)
 
 
+def _register_plugins() -> None:
+    """Subcommands that live next to the code they drive (reports, sweeps, frontiers)."""
+    import importlib
+
+    for mod in ("reports.commands", "sim.sweep", "reports.frontier_cli"):
+        try:
+            module = importlib.import_module(mod)
+        except ModuleNotFoundError as exc:
+            if exc.name != mod:
+                raise
+            continue
+        module.register(app)
+
+
+_register_plugins()
+
+
 def main() -> None:  # pragma: no cover
     app()
 

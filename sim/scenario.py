@@ -465,16 +465,26 @@ def _clean_loc(loc: tuple) -> tuple:
 
 
 def _format_validation_error(exc: ValidationError, source: str) -> ScenarioError:
-    errors = exc.errors()
-    # Prefer the most specific error (deepest location) when a union reports several.
-    err = max(errors, key=lambda e: len(_clean_loc(e["loc"]))) if errors else None
-    if err is None:  # pragma: no cover
+    """One ScenarioError listing every problem, the most specific first."""
+    errors = sorted(exc.errors(), key=lambda e: -len(_clean_loc(e["loc"])))
+    parts: list[tuple[str, str]] = []
+    for err in errors:
+        item = _format_one(err)
+        if item not in parts:
+            parts.append(item)
+    if not parts:  # pragma: no cover
         return ScenarioError(str(exc), source=source)
+    field, msg = parts[0]
+    for f2, m2 in parts[1:5]:
+        msg += f"\n  also {f2}: {m2}"
+    return ScenarioError(msg, source=source, field=field)
+
+
+def _format_one(err: Any) -> tuple[str, str]:
+    """(field path, message) for one pydantic error."""
     ctx_err = err.get("ctx", {}).get("error")
     if isinstance(ctx_err, _FieldError):
-        return ScenarioError(
-            f"{ctx_err.value!r}: {ctx_err.rule}", source=source, field=ctx_err.field
-        )
+        return ctx_err.field, f"{ctx_err.value!r}: {ctx_err.rule}"
     loc = _clean_loc(err["loc"])
     field = ".".join(str(p) for p in loc) or "(top level)"
     kind = err["type"]
@@ -488,20 +498,18 @@ def _format_validation_error(exc: ValidationError, source: str) -> ScenarioError
             msg += f" (did you mean {hint[0]!r}?)"
         if allowed:
             msg += f"; allowed keys: {', '.join(allowed)}"
-        return ScenarioError(msg, source=source, field=field)
+        return field, msg
     if kind == "missing":
-        return ScenarioError("required field is missing", source=source, field=field)
+        return field, "required field is missing"
     if kind == "union_tag_invalid":
-        return ScenarioError(
-            f"unknown kind {err['ctx'].get('tag')!r}; allowed: {err['ctx'].get('expected_tags')}",
-            source=source,
-            field=field + ".kind",
+        return field + ".kind", (
+            f"unknown kind {err['ctx'].get('tag')!r}; allowed: {err['ctx'].get('expected_tags')}"
         )
     msg = err["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
     shown = value if not isinstance(value, dict | list) else type(value).__name__
-    return ScenarioError(f"{msg} (got {shown!r})", source=source, field=field)
+    return field, f"{msg} (got {shown!r})"
 
 
 def parse_scenario(data: Any, *, source: str = "<scenario>") -> Scenario:

@@ -1,0 +1,149 @@
+"""Every class of bad scenario input: a clear message (file, field, rule), exit code 2, no
+traceback and no output directory."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from sim.cli import app
+from sim.errors import ScenarioError
+from sim.scenario import load_scenario
+
+GOOD = {
+    "name": "bad_input",
+    "seed": 1,
+    "duration_s": 100,
+    "workload": {"source": "synthetic", "reference_llm": "gpt-4", "n_queries": 100},
+    "arrivals": {"kind": "poisson", "rate_per_s": 1.0},
+    "llms": [
+        {"name": "gpt-4", "price_in_per_mtok": 10, "price_out_per_mtok": 30, "slots": 4},
+        {"name": "mistral-7b", "price_in_per_mtok": 0.2, "price_out_per_mtok": 0.2},
+    ],
+    "events": [{"at_s": 50, "outage": {"llm": "gpt-4", "duration_s": 10}}],
+    "policies": ["random"],
+}
+
+
+def mutate(fn):
+    d = copy.deepcopy(GOOD)
+    fn(d)
+    return d
+
+
+CASES = {
+    "missing_field": (mutate(lambda d: d.pop("duration_s")), "duration_s",
+                      "required field is missing"),
+    "missing_llm_price": (mutate(lambda d: d["llms"][0].pop("price_in_per_mtok")),
+                          "llms.0.price_in_per_mtok", "missing"),
+    "wrong_type": (mutate(lambda d: d["llms"][0].update(slots="many")), "llms.0.slots",
+                   "integer"),
+    "zero_rate": (mutate(lambda d: d["arrivals"].update(rate_per_s=0)), "arrivals.rate_per_s",
+                  "greater than 0"),
+    "negative_rate": (mutate(lambda d: d["arrivals"].update(rate_per_s=-2)),
+                      "arrivals.rate_per_s", "greater than 0"),
+    "zero_slots": (mutate(lambda d: d["llms"][0].update(slots=0)), "llms.0.slots",
+                   "greater than or equal to 1"),
+    "unknown_kind": (mutate(lambda d: d["arrivals"].update(kind="bursty")), "arrivals.kind",
+                     "unknown kind 'bursty'"),
+    "unknown_key": (mutate(lambda d: d["llms"][0].update(replica=2)), "llms.0.replica",
+                    "did you mean 'replicas'"),
+    "unknown_top_key": (mutate(lambda d: d.update(duraton_s=5)), "duraton_s",
+                        "did you mean 'duration_s'"),
+    "unknown_llm_in_event": (
+        mutate(lambda d: d["events"][0]["outage"].update(llm="gpt-5")),
+        "events.0.outage.llm", "'gpt-5': names no LLM in the cluster"),
+    "event_before_zero": (mutate(lambda d: d["events"][0].update(at_s=-1)), "events.0.at_s",
+                          "greater than or equal to 0"),
+    "event_two_actions": (
+        mutate(lambda d: d["events"][0].update(remove_llm="mistral-7b")), "events.0",
+        "exactly one of"),
+    "duplicate_llm": (mutate(lambda d: d["llms"].append(dict(d["llms"][0]))), "llms.2.name",
+                      "unique"),
+    "bad_reference": (mutate(lambda d: d["workload"].update(reference_llm="gpt-9")),
+                      "workload.reference_llm", "must name one of"),
+    "warmup_too_long": (mutate(lambda d: d.update(warmup_s=200)), "warmup_s",
+                        "less than duration_s"),
+}
+
+
+def write(tmp_path: Path, data) -> Path:
+    p = tmp_path / "scenario.yaml"
+    p.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return p
+
+
+def test_good_scenario_loads(tmp_path):
+    sc = load_scenario(write(tmp_path, GOOD))
+    assert sc.llms[0].slots == 4
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_scenario_error_names_file_and_field(tmp_path, case):
+    data, field, rule = CASES[case]
+    p = write(tmp_path, data)
+    with pytest.raises(ScenarioError) as exc:
+        load_scenario(p)
+    msg = str(exc.value)
+    assert str(p) in msg and field in msg and rule in msg, msg
+
+
+@pytest.mark.parametrize(
+    "text, rule",
+    [("", "the file is empty"), ("name: [unclosed\n", "malformed YAML at line"),
+     ("- a\n- b\n", "a scenario is a YAML mapping")],
+)
+def test_unparseable_files(tmp_path, text, rule):
+    p = write(tmp_path, text)
+    with pytest.raises(ScenarioError, match=rule):
+        load_scenario(p)
+
+
+def test_missing_file_lists_builtins(tmp_path):
+    with pytest.raises(ScenarioError, match="no such file; built-in scenarios: .*load_spike"):
+        load_scenario(tmp_path / "nope.yaml")
+
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("case", ["zero_rate", "unknown_llm_in_event", "unknown_key"])
+def test_cli_run_bad_scenario_exit_2_no_output(tmp_path, case):
+    data, field, _ = CASES[case]
+    p = write(tmp_path, data)
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["run", str(p), "--out", str(out)])
+    assert res.exit_code == 2, res.output
+    assert field in res.output and str(p) in res.output
+    assert "Traceback" not in res.output
+    assert not out.exists()
+
+
+def test_cli_unknown_policy_lists_choices(tmp_path):
+    p = write(tmp_path, mutate(lambda d: d.update(policies=["random", "smartest"])))
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["run", str(p), "--out", str(out)])
+    assert res.exit_code == 2
+    assert "policies.1" in res.output and "unknown policy 'smartest'" in res.output
+    assert "least_loaded" in res.output and not out.exists()
+    res = runner.invoke(app, ["run", str(p), "--policy", "nope", "--out", str(out)])
+    assert res.exit_code == 2 and "--policy" in res.output and not out.exists()
+
+
+def test_cli_bad_policy_params(tmp_path):
+    p = write(tmp_path, mutate(lambda d: d.update(
+        policies=[{"name": "cheapest", "params": {"output_shar": 0.3}}])))
+    res = runner.invoke(app, ["validate", str(p)])
+    assert res.exit_code == 2
+    assert "policies.0.params.output_shar" in res.output and "output_share" in res.output
+
+
+def test_cli_validate_ok_and_empty_file(tmp_path):
+    res = runner.invoke(app, ["validate", str(write(tmp_path, GOOD))])
+    assert res.exit_code == 0 and "ok" in res.output
+    res = runner.invoke(app, ["validate", str(write(tmp_path, ""))])
+    assert res.exit_code == 2 and "empty" in res.output and "Traceback" not in res.output

@@ -1,0 +1,117 @@
+"""Property tests over random small scenarios: conservation and determinism.
+
+Random rates, LLM counts, capacities, outages, add/remove events, price changes, slowdowns
+and patience. Every request must end in exactly one outcome, and the same seed must give
+identical outputs.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from helpers import llm
+from policies import registry
+from sim.engine import Simulation, prepare_inputs
+from sim.metrics import summarize
+from sim.runner import build_workload
+from sim.scenario import parse_scenario
+
+NAMES = ["gpt-4", "gpt-3.5-turbo", "mixtral-8x7b", "mistral-7b", "yi-34b"]
+
+
+@st.composite
+def scenarios(draw):
+    n_llms = draw(st.integers(1, 4))
+    names = NAMES[:n_llms]
+    duration = draw(st.floats(50, 300))
+    llms = [
+        llm(n, replicas=draw(st.integers(1, 3)), slots=draw(st.integers(1, 4)),
+            max_queue=draw(st.integers(0, 30)), decode_tps=draw(st.floats(5, 200)),
+            batching_slowdown=draw(st.floats(0, 0.3)),
+            price_in_per_mtok=draw(st.floats(0.1, 10)))
+        for n in names
+    ]
+    events = []
+    if draw(st.booleans()):
+        events.append({"at_s": draw(st.floats(0, duration)),
+                       "outage": {"llm": names[0], "duration_s": draw(st.floats(1, 100))}})
+    if draw(st.booleans()):
+        events.append({"at_s": draw(st.floats(0, duration)),
+                       "add_llm": llm("llama-3.1-70b", price_in_per_mtok=0.9,
+                                      price_out_per_mtok=0.9, slots=2)})
+    if n_llms > 1 and draw(st.booleans()):
+        events.append({"at_s": draw(st.floats(0, duration)), "remove_llm": names[-1]})
+    if draw(st.booleans()):
+        events.append({"at_s": draw(st.floats(0, duration)),
+                       "price_change": {"llm": names[0], "price_in_per_mtok": 1.0}})
+    if draw(st.booleans()):
+        events.append({"at_s": draw(st.floats(0, duration)),
+                       "slowdown": {"llm": names[0], "factor": draw(st.floats(0.5, 5)),
+                                    "duration_s": 20.0}})
+    patience = draw(st.one_of(st.none(), st.floats(0.5, 60)))
+    drain = draw(st.one_of(st.none(), st.floats(0, 100)))
+    data = {
+        "name": "prop",
+        "seed": draw(st.integers(0, 10_000)),
+        "duration_s": duration,
+        "arrivals": {"kind": "poisson", "rate_per_s": draw(st.floats(0.2, 8))},
+        "llms": llms,
+        "events": events,
+        "workload": {"source": "synthetic", "reference_llm": names[0], "n_queries": 200},
+        "users": {"patience_s": None if patience is None else {"kind": "exponential",
+                                                               "mean": patience}},
+        "feedback": {"probability": draw(st.floats(0, 1))},
+        "run": {"drain_s": drain, "max_retries": draw(st.integers(0, 3)),
+                "sample_every_s": 5.0},
+    }
+    return parse_scenario(data), draw(st.sampled_from(["random", "least_loaded", "cheapest"]))
+
+
+def run_once(sc, policy_name):
+    wl = build_workload(sc, sc.seed)
+    inputs = prepare_inputs(sc, wl, sc.seed)
+    res = Simulation(sc, registry.create(policy_name), inputs, seed=sc.seed).run()
+    return res, inputs
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios())
+def test_conservation_every_request_one_outcome(case):
+    sc, policy = case
+    res, inputs = run_once(sc, policy)
+    req = res.requests
+    assert req.height == inputs.arrival_s.size
+    counts = req["outcome"].value_counts()
+    total = int(counts["count"].sum())
+    assert total == req.height
+    s = summarize(req, res.timeline, sc, policy, sc.seed)
+    assert s["arrived"] == (s["completed"] + s["rejected"] + s["abandoned"] + s["failed"]
+                            + s["in_flight"])
+    done = req.filter(pl.col("outcome") == "completed")
+    # Completed requests have a realised quality, a service start after arrival and an end
+    # after their start; waits are never negative.
+    assert done["quality"].is_nan().sum() == 0
+    assert (done["start_s"] >= done["arrival_s"] - 1e-9).all()
+    assert (done["end_s"] >= done["start_s"]).all()
+    assert (req["wait_s"] >= -1e-9).all()
+    # in_flight only when the run was cut by drain_s
+    if sc.run.drain_s is None:
+        assert s["in_flight"] == 0
+    # Failures only through outages
+    if not any(e.outage for e in sc.events):
+        assert s["failed"] == 0
+    # Cost is only paid for completed attempts
+    assert (req.filter(pl.col("attempts") == 0)["cost_usd"] == 0).all()
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios())
+def test_same_seed_identical_outputs(case):
+    sc, policy = case
+    a, _ = run_once(sc, policy)
+    b, _ = run_once(sc, policy)
+    assert a.requests.equals(b.requests, null_equal=True)
+    assert a.timeline.equals(b.timeline)
+    assert a.events.equals(b.events)
