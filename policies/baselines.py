@@ -106,7 +106,6 @@ class LeastLoadedPolicy(BasePolicy):
     name = "least_loaded"
 
     def route(self, query: Query, view: ClusterView) -> Decision:
-        wait = view.est_wait_s
-        util = (view.busy + view.queue_len) / np.maximum(view.capacity, 1)
-        s = np.where(view.accepting, wait + 1e-6 * util, np.inf)
-        return Decision(view.names[int(np.argmin(s))], scores=-wait)
+        s = view.est_wait_s + 1e-6 * view.load
+        s[~view.accepting] = np.inf
+        return Decision(view.names[int(s.argmin())], scores=-view.est_wait_s)

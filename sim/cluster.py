@@ -80,6 +80,7 @@ class Deployment:
         "present",
         "vi",
         "mean_service_s",
+        "busy",
     )
 
     def __init__(self, spec: LLMSpec, idx: int, col: int, mean_service_s: float):
@@ -101,6 +102,7 @@ class Deployment:
         self.present = False
         self.vi = -1  # index in the current ClusterView
         self.mean_service_s = mean_service_s
+        self.busy = 0  # sum of active
 
     @property
     def up_replicas(self) -> int:
@@ -181,6 +183,23 @@ class Cluster:
         if d.vi >= 0:
             self.view.up[d.vi] = d.up_replicas > 0
             self.view.capacity[d.vi] = d.up_replicas * d.spec.slots
+            self._refresh(d)
+
+    def _refresh(self, d: Deployment) -> None:
+        """The view's derived entries for d, from Python-side state (no numpy reads)."""
+        v = self.view
+        i = d.vi
+        ups = d.up_replicas
+        if ups:
+            cap = ups * d.spec.slots
+            ahead = d.n_queued + d.busy - cap + 1
+            v.est_wait_s[i] = ahead * d.mean_service_s / cap if ahead > 0 else 0.0
+            v.load[i] = (d.busy + d.n_queued) / cap
+            v.accepting[i] = d.n_queued < d.spec.max_queue
+        else:
+            v.est_wait_s[i] = np.inf
+            v.load[i] = np.inf
+            v.accepting[i] = False
 
     def refresh_prices(self, d: Deployment) -> None:
         if d.vi >= 0:
@@ -194,6 +213,7 @@ class Cluster:
         d.n_queued += 1
         if d.vi >= 0:
             self.view.queue_len[d.vi] = d.n_queued
+            self._refresh(d)
         if job.deadline != float("inf"):
             heapq.heappush(d.qheap, (job.deadline, seq, job))
 
@@ -203,8 +223,11 @@ class Cluster:
         d.n_queued -= 1
         if d.vi >= 0:
             self.view.queue_len[d.vi] = d.n_queued
+            self._refresh(d)
 
     def set_active(self, d: Deployment, replica: int, delta: int) -> None:
         d.active[replica] += delta
+        d.busy += delta
         if d.vi >= 0:
-            self.view.busy[d.vi] += delta
+            self.view.busy[d.vi] = d.busy
+            self._refresh(d)

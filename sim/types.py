@@ -176,8 +176,16 @@ class ClusterView:
     """Read-only, cheap view of the deployments at decision time.
 
     Arrays are aligned with `names` (deployments currently in the cluster, including ones in
-    an outage). The engine updates them in place; policies must not write to them.
-    `est_wait_s` is the expected queueing delay for a request sent now.
+    an outage). The engine keeps every array current in place (derived ones too, updated
+    only for the deployment whose state changed), so a decision reads them for free.
+    Policies must not write to them.
+
+    - `est_wait_s`: expected queueing delay for a request sent now: the work ahead of it
+      (queued plus busy beyond capacity, plus itself) times the mean service time, spread
+      over the up capacity; inf when the deployment is down.
+    - `load`: (busy + queued) / capacity, a tie-breaker when waits are all zero.
+    - `accepting`: up and queue not full (a request sent now would not be rejected, rate
+      limits aside).
     """
 
     names: tuple[str, ...]
@@ -192,23 +200,35 @@ class ClusterView:
     max_queue: np.ndarray  # int
     mean_service_s: np.ndarray  # float: running estimate of service time
     now: float = 0.0
+    est_wait_s: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
+    load: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
+    accepting: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
     _index: dict[str, int] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self._index = {n: i for i, n in enumerate(self.names)}
+        n = len(self.names)
+        self.est_wait_s = np.zeros(n)
+        self.load = np.zeros(n)
+        self.accepting = np.zeros(n, dtype=bool)
+        for i in range(n):
+            self.refresh(i)
 
     def index(self, name: str) -> int:
         return self._index[name]
 
-    @property
-    def est_wait_s(self) -> np.ndarray:
-        """Expected wait: work ahead of a new arrival spread over the up capacity."""
-        cap = np.maximum(self.capacity, 1)
-        ahead = np.maximum(self.queue_len + self.busy - self.capacity + 1, 0)
-        wait = ahead * self.mean_service_s / cap
-        return np.where(self.up, wait, np.inf)
-
-    @property
-    def accepting(self) -> np.ndarray:
-        """Deployments that would not reject a request now (up and queue not full)."""
-        return self.up & (self.queue_len < self.max_queue)
+    def refresh(self, i: int) -> None:
+        """Recompute the derived entries of deployment i (called by the engine)."""
+        cap = int(self.capacity[i])
+        q = int(self.queue_len[i])
+        b = int(self.busy[i])
+        up = bool(self.up[i])
+        if up:
+            ahead = q + b - cap + 1
+            self.est_wait_s[i] = (ahead * float(self.mean_service_s[i]) / cap) if ahead > 0 \
+                else 0.0
+            self.load[i] = (b + q) / cap
+        else:
+            self.est_wait_s[i] = np.inf
+            self.load[i] = np.inf
+        self.accepting[i] = up and q < int(self.max_queue[i])

@@ -1,0 +1,143 @@
+"""Engine speed and memory, as ratios against raw SimPy measured in the same run.
+
+Prints:
+- raw SimPy M/M/8 customers/s (a process per customer with a Resource; rho = 0.8);
+- routesim requests/s on a 4-LLM token-model scenario with feedback and a policy
+  (least_loaded by default; `--policy mixllm` for the MixLLM figure);
+- their ratio (targets: >= 0.5 for least_loaded, >= 0.3 for mixllm);
+- the peak RSS of a run of `--big` requests (default 1,000,000; target < 1 GiB), measured in
+  a fresh subprocess so the rest of the benchmark does not count.
+
+Usage: python benchmarks/bench_engine.py [--n 200000] [--big 1000000] [--policy NAME]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import subprocess
+import sys
+import time
+
+import simpy
+
+
+def raw_simpy_mmc(n: int, servers: int = 8, rho: float = 0.8, seed: int = 1) -> float:
+    """Customers per second of wall time for the textbook SimPy M/M/c model."""
+    rnd = random.Random(seed)
+    env = simpy.Environment()
+    res = simpy.Resource(env, capacity=servers)
+    lam = rho * servers
+    waits = []
+
+    def customer(env):
+        t0 = env.now
+        with res.request() as req:
+            yield req
+            waits.append(env.now - t0)
+            yield env.timeout(rnd.expovariate(1.0))
+
+    def source(env):
+        for _ in range(n):
+            yield env.timeout(rnd.expovariate(lam))
+            env.process(customer(env))
+
+    env.process(source(env))
+    t = time.perf_counter()
+    env.run()
+    return n / (time.perf_counter() - t)
+
+
+def scenario_for(n: int, policy: str, rate: float = 40.0):
+    """4 LLMs with the token model, feedback on, patience on; ~rho 0.7 overall."""
+    from sim.scenario import parse_scenario
+
+    def llm(name, pin, pout, replicas, slots, decode):
+        return {"name": name, "price_in_per_mtok": pin, "price_out_per_mtok": pout,
+                "replicas": replicas, "slots": slots, "prefill_tps": 8000,
+                "decode_tps": decode, "max_queue": 10_000}
+
+    return parse_scenario({
+        "name": "bench",
+        "seed": 3,
+        "duration_s": n / rate,
+        "arrivals": {"kind": "poisson", "rate_per_s": rate},
+        "workload": {"source": "synthetic", "reference_llm": "gpt-4", "n_queries": 6000},
+        "llms": [llm("gpt-4", 10, 30, 4, 16, 60), llm("gpt-3.5-turbo", 1, 2, 4, 32, 120),
+                 llm("mixtral-8x7b", 0.6, 0.6, 4, 32, 100),
+                 llm("mistral-7b", 0.2, 0.2, 4, 32, 150)],
+        "feedback": {"probability": 0.3, "delay_s": {"kind": "exponential", "mean": 30}},
+        "users": {"patience_s": {"kind": "exponential", "mean": 120}},
+        "run": {"sample_every_s": 10.0, "drain_s": 600.0},
+        "policies": [policy],
+    })
+
+
+def routesim_rate(n: int, policy: str) -> tuple[float, int]:
+    from policies import registry
+    from sim.engine import Simulation, prepare_inputs
+    from sim.runner import build_workload
+
+    sc = scenario_for(n, policy)
+    wl = build_workload(sc, sc.seed)
+    inputs = prepare_inputs(sc, wl, sc.seed)
+    pol = registry.create(policy)
+    sim = Simulation(sc, pol, inputs, seed=sc.seed)  # policy setup excluded from the timing
+    t = time.perf_counter()
+    res = sim.run()
+    dt = time.perf_counter() - t
+    return res.requests.height / dt, res.requests.height
+
+
+def big_run(n: int, policy: str) -> None:
+    """Child process: one run of n requests; prints JSON with peak RSS."""
+    from policies import registry
+    from sim.engine import Simulation, prepare_inputs
+    from sim.runner import build_workload
+
+    sc = scenario_for(n, policy)
+    wl = build_workload(sc, sc.seed)
+    inputs = prepare_inputs(sc, wl, sc.seed)
+    t = time.perf_counter()
+    res = Simulation(sc, registry.create(policy), inputs, seed=sc.seed).run()
+    dt = time.perf_counter() - t
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"requests": res.requests.height, "wall_s": dt,
+                      "peak_rss_mib": peak_kib / 1024}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=200_000)
+    ap.add_argument("--big", type=int, default=1_000_000)
+    ap.add_argument("--policy", default="least_loaded")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        big_run(args.big, args.policy)
+        return
+    raw = raw_simpy_mmc(args.n)
+    ours, n = routesim_rate(args.n, args.policy)
+    raw2 = raw_simpy_mmc(args.n, seed=2)  # bracket ours: drift on a noisy machine shows up
+    raw_mean = (raw + raw2) / 2
+    print(f"raw SimPy M/M/8 (process per customer): {raw_mean:,.0f} customers/s "
+          f"(runs: {raw:,.0f}, {raw2:,.0f})")
+    print(f"routesim {args.policy}, 4 LLMs, token model, feedback: {ours:,.0f} requests/s "
+          f"({n:,} requests)")
+    target = 0.3 if args.policy == "mixllm" else 0.5
+    ratio = ours / raw_mean
+    print(f"ratio routesim / raw SimPy: {ratio:.2f} (target >= {target})")
+    if args.big > 0:
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", "--big", str(args.big), "--policy",
+             args.policy], capture_output=True, text=True, check=True,
+        )
+        info = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"{info['requests']:,}-request run: {info['wall_s']:.1f} s, peak RSS "
+              f"{info['peak_rss_mib']:.0f} MiB (target < 1024 MiB)")
+
+
+if __name__ == "__main__":
+    main()
