@@ -19,6 +19,11 @@ _REGISTRY: dict[str, type[BasePolicy]] = {}
 _BUILTIN_MODULES = (
     "policies.baselines",
     "policies.oracle",
+    "policies.predictive",
+    "policies.threshold",
+    "policies.cascade",
+    "policies.optllm",
+    "policies.mixllm.policy",
 )
 _loaded = False
 

@@ -56,44 +56,6 @@ def _fmt(v, spec: str = ".1f", suffix: str = "") -> str:
     return f"{v:{spec}}{suffix}"
 
 
-def results_table(summaries: list[dict], title: str) -> Table:
-    """Per policy (mean over seeds): quality %, cost %, p95 wait, SLO, rejected+abandoned."""
-    import polars as pl
-
-    from sim.runner import summaries_frame
-
-    df = summaries_frame(summaries)
-    agg = (
-        df.group_by("policy", maintain_order=True)
-        .agg(
-            pl.col("quality_pct_of_reference").mean(),
-            pl.col("cost_pct_of_reference").mean(),
-            pl.col("p95_wait_s").mean(),
-            pl.col("slo_attainment").mean(),
-            pl.col("rejected_or_abandoned_share").mean(),
-            pl.col("upper_bound").first(),
-            pl.len().alias("seeds"),
-        )
-    )
-    t = Table(title=title)
-    for col in ("policy", "quality %", "cost %", "p95 wait s", "SLO attainment",
-                "rejected+abandoned", "seeds"):
-        t.add_column(col, justify="left" if col == "policy" else "right")
-    for r in agg.iter_rows(named=True):
-        name = r["policy"] + (" (upper bound)" if r["upper_bound"] else "")
-        t.add_row(
-            name,
-            _fmt(r["quality_pct_of_reference"]),
-            _fmt(r["cost_pct_of_reference"]),
-            _fmt(r["p95_wait_s"], ".2f"),
-            _fmt(None if r["slo_attainment"] is None else 100 * r["slo_attainment"], ".1f", "%"),
-            _fmt(None if r["rejected_or_abandoned_share"] is None
-                 else 100 * r["rejected_or_abandoned_share"], ".1f", "%"),
-            str(r["seeds"]),
-        )
-    return t
-
-
 @app.command()
 def run(
     scenario: Annotated[str | None, typer.Argument(
@@ -105,14 +67,23 @@ def run(
     data: Annotated[str | None, typer.Option(
         help="workload data file (overrides workload.path)")] = None,
     report: Annotated[bool, typer.Option(help="write OUT/report.html")] = True,
+    baseline: Annotated[str | None, typer.Option(
+        help="policy the others are compared with, paired by seed (default: the first)")]
+        = None,
 ) -> None:
     """Simulate every (policy, seed) of a scenario and compare them."""
+    from sim.compare import compare, compare_tables, upper_bound_policies
     from sim.runner import resolve_policies
     from sim.runner import run as run_all
 
     try:
         sc = load_for_cli(scenario, data)
         specs = resolve_policies(sc, policy)
+        labels = [s.display for s in specs]
+        if baseline is not None and baseline not in labels:
+            raise RouteSimError(
+                f"{baseline!r} is not one of the policies run; choose one of: "
+                f"{', '.join(labels)}", field="--baseline")
     except RouteSimError as exc:
         fail(exc)
     total = len(specs) * seeds
@@ -134,19 +105,27 @@ def run(
 
         try:
             res = run_all(sc, specs, seeds, out, keep_requests=False,
-                          on_progress=on_progress, on_run_done=on_done)
+                          on_progress=on_progress, on_run_done=on_done,
+                          baseline=baseline or labels[0])
         except RouteSimError as exc:
             prog.stop()
             fail(exc)
-    console.print(results_table(res.summaries, f"{sc.name}: {total} run(s), "
-                                               f"SLO p95 wait <= {sc.slo.p95_wait_s}s"))
+    comparison = compare(res.summaries, baseline or labels[0])
+    title = (f"{sc.name}: mean ± 95% CI over {seeds} seed(s), "
+             f"SLO p95 wait <= {sc.slo.p95_wait_s}s")
+    for table in compare_tables(comparison, title=title,
+                                upper_bound=upper_bound_policies(res.summary)):
+        console.print(table)
     if report:
         try:
             from reports.html import write_run_report
         except ImportError:
             write_run_report = None
         if write_run_report is not None:
-            path = write_run_report(out)
+            try:
+                path = write_run_report(out)
+            except RouteSimError as exc:
+                fail(exc)
             console.print(f"report: {path}")
     console.print(f"outputs: {out}/ (summary.parquet, {sc.name}/<policy>/seed<k>/)")
 

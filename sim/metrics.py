@@ -51,38 +51,41 @@ def _pct(x: np.ndarray, q: float) -> float:
     return float(np.percentile(x, q)) if x.size else float("nan")
 
 
-def saturation_labels(
-    timeline: pl.DataFrame, scenario: Scenario, rejected_by_llm: dict[str, int]
-) -> dict[str, str]:
-    """Per LLM over the arrival period after warm-up:
+def saturation_labels(timeline: pl.DataFrame, scenario: Scenario,
+                      rejected_by_llm: dict[str, int]) -> dict[str, str]:
+    """Per LLM over the arrival period after warm-up, cut into windows of
+    max(60 s, 1/12 of the period) so a 10-minute spike is not averaged away:
 
-    - overloaded: it rejected requests, or its queue grew over the second half of the
-      arrival period by more than its capacity (a backlog still building when arrivals stop);
-    - backlogged: a queue was present in more than half of the samples (sustained waiting);
+    - overloaded: it rejected requests, or in some window its queue grew by more than its
+      capacity (demand above service rate, a backlog building);
+    - backlogged: in some window a queue was present in more than half of the samples;
     - stable: otherwise.
     """
     out: dict[str, str] = {}
     if timeline.is_empty():
         return out
-    tl = timeline.filter(
-        (pl.col("t_s") >= scenario.warmup_s) & (pl.col("t_s") <= scenario.duration_s)
-    )
-    mid = (scenario.warmup_s + scenario.duration_s) / 2
+    t0, t1 = scenario.warmup_s, scenario.duration_s
+    width = max(60.0, (t1 - t0) / 12.0)
+    tl = timeline.filter((pl.col("t_s") >= t0) & (pl.col("t_s") <= t1))
     for llm in timeline["llm"].unique(maintain_order=True).to_list():
         s = tl.filter(pl.col("llm") == llm)
-        if s.is_empty():
-            out[llm] = "stable"
+        label = "overloaded" if rejected_by_llm.get(llm, 0) > 0 else "stable"
+        if s.is_empty() or label == "overloaded":
+            out[llm] = label
             continue
+        t = s["t_s"].to_numpy()
         q = s["queue_len"].to_numpy()
-        cap = max(int(s["capacity"].max() or 1), 1)
-        late = s.filter(pl.col("t_s") >= mid)["queue_len"].to_numpy()
-        growth = float(late[-1] - late[0]) if late.size > 1 else 0.0
-        if rejected_by_llm.get(llm, 0) > 0 or growth > cap:
-            out[llm] = "overloaded"
-        elif float((q > 0).mean()) > 0.5:
-            out[llm] = "backlogged"
-        else:
-            out[llm] = "stable"
+        cap = np.maximum(s["capacity"].to_numpy(), 1)
+        win = ((t - t0) // width).astype(np.int64)
+        for w in np.unique(win):
+            m = win == w
+            qw = q[m]
+            if qw.size > 1 and qw.max() - qw[0] > cap[m].max():
+                label = "overloaded"
+                break
+            if float((qw > 0).mean()) > 0.5:
+                label = "backlogged"
+        out[llm] = label
     return out
 
 

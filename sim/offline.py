@@ -56,7 +56,7 @@ def evaluate_offline(
     reference: LLMInfo,
     feedback_probability: float = 0.0,
     feedback_noise: float = 0.0,
-    judge_noise: float = 0.15,
+    judge_noise: float = 0.5,
     seed: int = 0,
     max_attempts: int = 8,
 ) -> OfflineResult:

@@ -93,11 +93,14 @@ def run(
     on_progress: Callable[[str, float], None] | None = None,
     on_run_done: Callable[[dict[str, Any]], None] | None = None,
     cache_dir: str | None = None,
+    baseline: str | None = None,
 ) -> Results:
     """Run every (policy, seed) of a scenario; write outputs under `out` when given.
 
     `scenario` is a Scenario, a path, a built-in name, or None for the built-in load spike.
-    `seeds` is a count (scenario.seed, +1, ...) or explicit seeds.
+    `seeds` is a count (scenario.seed, +1, ...) or explicit seeds. summary.parquet holds
+    one row per run plus, per policy, the mean and 95% CI across seeds of each headline
+    metric and the paired difference against `baseline` (default: the first policy).
     """
     if scenario is None:
         scenario = DEFAULT_SCENARIO
@@ -140,7 +143,10 @@ def run(
             ev_frames.append(_tagged(res.events, tag))
             if on_run_done:
                 on_run_done(summary)
+    from sim.compare import compare, with_comparison
+
     summary_df = summaries_frame(summaries)
+    summary_df = with_comparison(summary_df, compare(summary_df, baseline or specs[0].display))
     if out_dir is not None:
         write_text(dump_scenario(scenario), out_dir / safe_dirname(scenario.name)
                    / "scenario.yaml")

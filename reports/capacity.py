@@ -1,0 +1,537 @@
+"""Capacity planning: the cheapest replica counts of the self-hosted LLMs that meet a p95 wait
+SLO (and optionally a quality floor) under a scenario's load with a given router.
+
+Self-hosted LLMs are those with `replica_cost_per_hour > 0`; the others (APIs) keep their
+configuration. Cost per hour = replica-hours of the self-hosted LLMs + per-token spend as
+billed in the simulation (per measured hour). The search:
+
+1. Pilot: one simulation with every self-hosted LLM at `max_replicas` gives the router's
+   unconstrained route shares, per LLM and per time window, and the token counts of the
+   queries each LLM gets.
+2. Analytic start: per LLM, the fewest replicas for which an M/M/c queue (servers =
+   replicas x slots, service time at a full batch, which is what a queued request meets)
+   keeps the share of requests waiting longer than the SLO at or below 5%, window by window
+   (reports.erlang).
+3. Verify and refine by simulation with replications (the same seeds for every
+   configuration: common random numbers): add a replica to the bottleneck until the SLO and
+   the quality floor hold, then remove replicas (cheapest configuration first) and try
+   trading an expensive replica for a cheaper one, until no single removal keeps the
+   constraints: the plan is minimal.
+
+SLO check: the mean over replications of the p95 wait (as in summary.json, except that a
+rejected request counts as an infinitely long wait, so shedding load cannot buy the SLO)
+is at most the target. Every self-hosted LLM keeps at least one replica (the scenario's set
+of LLMs is given; sizing does not remove an LLM).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from reports.erlang import replicas_for
+from sim.compare import t_interval
+from sim.engine import Inputs, Simulation, prepare_inputs
+from sim.errors import RouteSimError
+from sim.metrics import summarize
+from sim.record import write_json
+from sim.runner import build_workload, resolve_policies
+from sim.scenario import LLMSpec, PolicySpec, Scenario
+
+QUANTILE = 0.95
+WINDOW_S = 60.0  # arrival-rate windows of the analytic estimate
+DEFAULT_MAX_EVALUATIONS = 60
+
+Config = tuple[int, ...]  # replicas per self-hosted LLM, in `Planner.llms` order
+
+
+@dataclass
+class Evaluation:
+    """One configuration simulated over every seed."""
+
+    config: Config
+    stage: str
+    p95_by_seed: list[float]
+    quality_by_seed: list[float]
+    api_cost_per_hour_by_seed: list[float]
+    replica_cost_per_hour: float
+    per_llm: dict[str, dict[str, float]]  # mean over seeds: utilisation, late_share, share...
+    slo: float
+    quality_floor: float | None
+
+    @property
+    def p95_wait_s(self) -> float:
+        return float(np.mean(self.p95_by_seed))
+
+    @property
+    def p95_ci(self) -> tuple[float, float]:
+        _, lo, hi = t_interval(self.p95_by_seed)
+        return lo, hi
+
+    @property
+    def quality_pct(self) -> float:
+        return float(np.mean(self.quality_by_seed))
+
+    @property
+    def api_cost_per_hour(self) -> float:
+        return float(np.mean(self.api_cost_per_hour_by_seed))
+
+    @property
+    def cost_per_hour(self) -> float:
+        return self.replica_cost_per_hour + self.api_cost_per_hour
+
+    @property
+    def meets_slo(self) -> bool:
+        return self.p95_wait_s <= self.slo
+
+    @property
+    def meets_quality(self) -> bool:
+        return self.quality_floor is None or self.quality_pct >= self.quality_floor
+
+    @property
+    def feasible(self) -> bool:
+        return self.meets_slo and self.meets_quality
+
+    @property
+    def bottleneck(self) -> str | None:
+        """The self-hosted LLM with the largest share of late requests (ties: busiest)."""
+        if not self.per_llm:
+            return None
+        return max(self.per_llm, key=lambda k: (self.per_llm[k]["late_share"],
+                                                self.per_llm[k]["utilisation"]))
+
+
+@dataclass
+class Plan:
+    """Outcome of a search: the chosen configuration and everything tried."""
+
+    planner: Planner
+    chosen: Evaluation
+    feasible: bool
+    minimal: bool
+    analytic: dict[str, dict[str, Any]]
+    tried: list[Evaluation] = field(default_factory=list)
+    message: str = ""
+
+    def replicas(self, ev: Evaluation | None = None) -> dict[str, int]:
+        ev = ev or self.chosen
+        return dict(zip(self.planner.llms, ev.config, strict=True))
+
+    def removal_checks(self) -> dict[str, Evaluation]:
+        """Evaluations of the plan minus one replica of each LLM (those that were run)."""
+        out = {}
+        for i, name in enumerate(self.planner.llms):
+            cfg = list(self.chosen.config)
+            if cfg[i] <= 1:
+                continue
+            cfg[i] -= 1
+            ev = self.planner.cache.get(tuple(cfg))
+            if ev is not None:
+                out[name] = ev
+        return out
+
+    def as_json(self) -> dict[str, Any]:
+        p = self.planner
+        ev = self.chosen
+        lo, hi = ev.p95_ci
+        return _finite({
+            "scenario": p.scenario.name,
+            "policy": p.policy.display,
+            "slo_p95_wait_s": p.slo,
+            "quality_floor_pct": p.quality_floor,
+            "seeds": p.seeds,
+            "max_replicas": p.max_replicas,
+            "feasible": self.feasible,
+            "minimal": self.minimal,
+            "message": self.message,
+            "replicas": self.replicas(),
+            "cost_per_hour": ev.cost_per_hour,
+            "replica_cost_per_hour": ev.replica_cost_per_hour,
+            "api_cost_per_hour": ev.api_cost_per_hour,
+            "p95_wait_s": ev.p95_wait_s,
+            "p95_wait_ci95_s": [_none_nan(lo), _none_nan(hi)],
+            "p95_wait_by_seed_s": ev.p95_by_seed,
+            "meets_slo": ev.meets_slo,
+            "meets_quality_floor": ev.meets_quality,
+            "quality_pct_of_reference": ev.quality_pct,
+            "bottleneck": ev.bottleneck,
+            "per_llm": ev.per_llm,
+            "analytic": self.analytic,
+            "removal_checks": {
+                k: {"p95_wait_s": e.p95_wait_s, "quality_pct_of_reference": e.quality_pct,
+                    "meets_slo": e.meets_slo, "feasible": e.feasible}
+                for k, e in self.removal_checks().items()
+            },
+            "tried": [
+                {"stage": e.stage, "replicas": self.replicas(e), "cost_per_hour": e.cost_per_hour,
+                 "p95_wait_s": e.p95_wait_s, "quality_pct_of_reference": e.quality_pct,
+                 "meets_slo": e.meets_slo, "feasible": e.feasible, "bottleneck": e.bottleneck}
+                for e in self.tried
+            ],
+        })
+
+
+def _none_nan(v: float) -> float | None:
+    return None if v is None or math.isnan(v) else float(v)
+
+
+def _finite(obj: Any) -> Any:
+    """JSON-safe copy: inf and NaN become null (an infinite p95 wait means more than 5% of
+    requests were rejected)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def with_replicas(scenario: Scenario, replicas: Mapping[str, int]) -> Scenario:
+    """The scenario with the given replica counts (initial LLMs and added ones)."""
+    llms = [s.model_copy(update={"replicas": replicas[s.name]}) if s.name in replicas else s
+            for s in scenario.llms]
+    events = []
+    for e in scenario.events:
+        if e.add_llm is not None and e.add_llm.name in replicas:
+            e = e.model_copy(update={"add_llm": e.add_llm.model_copy(
+                update={"replicas": replicas[e.add_llm.name]})})
+        events.append(e)
+    return scenario.model_copy(update={"llms": llms, "events": events})
+
+
+def self_hosted(scenario: Scenario) -> list[LLMSpec]:
+    return [s for s in scenario.all_llms() if s.replica_cost_per_hour > 0]
+
+
+def policy_spec(scenario: Scenario, name: str) -> PolicySpec:
+    """The scenario's entry for `name` (label or policy name, with its params) or a bare
+    spec; validated against the registry."""
+    for spec in scenario.policy_specs:
+        if spec.display == name:
+            break
+    else:
+        spec = next((s for s in scenario.policy_specs if s.name == name), PolicySpec(name=name))
+    return resolve_policies(scenario, [spec])[0]
+
+
+class Planner:
+    """Evaluates configurations by simulation (cached) and searches for the cheapest
+    feasible, minimal one."""
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        policy: str,
+        slo_p95_wait_s: float,
+        *,
+        max_replicas: int = 16,
+        quality_floor: float | None = None,
+        seeds: int | Sequence[int] = 3,
+        max_evaluations: int = DEFAULT_MAX_EVALUATIONS,
+        on_evaluation: Callable[[Evaluation], None] | None = None,
+    ):
+        if slo_p95_wait_s <= 0 or not math.isfinite(slo_p95_wait_s):
+            raise RouteSimError(f"must be a positive number of seconds, got {slo_p95_wait_s!r}",
+                                field="--slo-p95-wait")
+        if max_replicas < 1:
+            raise RouteSimError(f"must be at least 1, got {max_replicas}", field="--max-replicas")
+        if quality_floor is not None and not (0 < quality_floor <= 1000):
+            raise RouteSimError(
+                f"is a quality % of the reference LLM, > 0; got {quality_floor!r}",
+                field="--quality-floor",
+            )
+        hosted = self_hosted(scenario)
+        if not hosted:
+            raise RouteSimError(
+                "no self-hosted LLM to size: give the LLMs to plan a replica_cost_per_hour > 0 "
+                f"(LLMs: {', '.join(s.name for s in scenario.all_llms())})",
+                source=scenario.name, field="llms.replica_cost_per_hour",
+            )
+        self.scenario = scenario.model_copy(
+            update={"slo": scenario.slo.model_copy(update={"p95_wait_s": slo_p95_wait_s})}
+        )
+        self.policy = policy_spec(scenario, policy)
+        self.slo = float(slo_p95_wait_s)
+        self.quality_floor = quality_floor
+        self.max_replicas = int(max_replicas)
+        self.seeds = ([scenario.seed + k for k in range(seeds)] if isinstance(seeds, int)
+                      else list(seeds))
+        if not self.seeds:
+            raise RouteSimError("at least one seed is needed", field="--seeds")
+        self.max_evaluations = max_evaluations
+        self.on_evaluation = on_evaluation
+        self.specs = {s.name: s for s in hosted}
+        self.llms = [s.name for s in hosted]
+        self.cache: dict[Config, Evaluation] = {}
+        self._inputs: dict[int, Inputs] = {}
+        self.hours = (scenario.duration_s - scenario.warmup_s) / 3600.0
+
+    # --------------------------------------------------------------------- simulation
+    def _inputs_for(self, seed: int) -> Inputs:
+        if seed not in self._inputs:
+            wl = build_workload(self.scenario, seed)
+            self._inputs[seed] = prepare_inputs(self.scenario, wl, seed)
+        return self._inputs[seed]
+
+    def _simulate(self, config: Config, seed: int):
+        from policies import registry
+
+        sc = with_replicas(self.scenario, dict(zip(self.llms, config, strict=True)))
+        policy = registry.create(self.policy.name, self.policy.params)
+        res = Simulation(sc, policy, self._inputs_for(seed), seed=seed).run()
+        return sc, res
+
+    def replica_cost(self, config: Config) -> float:
+        return sum(n * self.specs[name].replica_cost_per_hour
+                   for name, n in zip(self.llms, config, strict=True))
+
+    def evaluate(self, config: Config, stage: str) -> Evaluation:
+        """Simulate `config` on every seed (cached)."""
+        config = tuple(int(x) for x in config)
+        if config in self.cache:
+            return self.cache[config]
+        p95s, quals, api = [], [], []
+        per_llm_acc: dict[str, dict[str, list[float]]] = {n: {} for n in self.llms}
+        for seed in self.seeds:
+            sc, res = self._simulate(config, seed)
+            summary = summarize(res.requests, res.timeline, sc, self.policy.display, seed)
+            m = res.requests.filter(pl.col("arrival_s") >= sc.warmup_s)
+            p95s.append(planning_p95_wait(m))
+            quals.append(float(summary["quality_pct_of_reference"] or 0.0))
+            api.append(float(summary["total_cost_usd"]) / self.hours if self.hours > 0 else 0.0)
+            for name, stats in llm_stats(m, res.timeline, sc, self.llms, self.slo).items():
+                for k, v in stats.items():
+                    per_llm_acc[name].setdefault(k, []).append(v)
+        per_llm = {n: {k: float(np.mean(v)) for k, v in d.items()}
+                   for n, d in per_llm_acc.items()}
+        for n, cfg_n in zip(self.llms, config, strict=True):
+            per_llm[n]["replicas"] = cfg_n
+        ev = Evaluation(config, stage, p95s, quals, api, self.replica_cost(config), per_llm,
+                        self.slo, self.quality_floor)
+        self.cache[config] = ev
+        if self.on_evaluation is not None:
+            self.on_evaluation(ev)
+        return ev
+
+    # ----------------------------------------------------------------------- analytic
+    def analytic_start(self) -> tuple[Config, dict[str, dict[str, Any]]]:
+        """Erlang C replicas per LLM from a pilot run at max replicas (first seed)."""
+        top = tuple(self.max_replicas for _ in self.llms)
+        sc, res = self._simulate(top, self.seeds[0])
+        req = res.requests.filter(
+            (pl.col("arrival_s") >= sc.warmup_s) & (pl.col("arrival_s") < sc.duration_s)
+        )
+        n_win = max(1, math.ceil((sc.duration_s - sc.warmup_s) / WINDOW_S))
+        edges = sc.warmup_s + WINDOW_S * np.arange(n_win + 1)
+        widths = np.diff(np.minimum(edges, sc.duration_s))
+        start: list[int] = []
+        notes: dict[str, dict[str, Any]] = {}
+        total = max(req.height, 1)
+        for name in self.llms:
+            spec = self.specs[name]
+            mine = req.filter(pl.col("llm") == name)
+            counts = np.histogram(mine["arrival_s"].to_numpy(), bins=edges)[0].astype(float)
+            rates = counts / np.maximum(widths, 1e-9)
+            done = mine.filter(pl.col("outcome") == "completed")
+            s_full = full_batch_service_s(
+                spec,
+                float(done["input_tokens"].mean() or 0.0) if done.height else 0.0,
+                float(done["output_tokens"].mean() or 0.0) if done.height else 0.0,
+            )
+            r = (1 if mine.height == 0 else replicas_for(
+                rates, counts, s_full, spec.slots, self.slo, quantile=QUANTILE,
+                max_replicas=self.max_replicas))
+            start.append(r if r is not None else self.max_replicas)
+            notes[name] = {
+                "route_share_pilot": mine.height / total,
+                "mean_rate_per_s": float(counts.sum() / widths.sum()),
+                "peak_rate_per_s": float(rates.max()) if rates.size else 0.0,
+                "mean_service_full_batch_s": s_full,
+                "servers_per_replica": spec.slots,
+                "replicas": r,
+                "enough_within_max": r is not None,
+            }
+        return tuple(start), notes
+
+    # ------------------------------------------------------------------------ search
+    def _budget_left(self) -> bool:
+        return len(self.cache) < self.max_evaluations
+
+    def plan(self) -> Plan:
+        """Run the whole search (see the module docstring)."""
+        start, notes = self.analytic_start()
+        cur = self.evaluate(start, "analytic")
+        # climb: one replica to the bottleneck at a time
+        while not cur.feasible and self._budget_left():
+            # While the SLO fails, only LLMs with late requests can fix it by growing.
+            order = sorted(
+                (i for i, n in enumerate(self.llms) if cur.config[i] < self.max_replicas
+                 and (cur.meets_slo or cur.per_llm[n]["late_share"] > 0)),
+                key=lambda i: (-cur.per_llm[self.llms[i]]["late_share"],
+                               -cur.per_llm[self.llms[i]]["utilisation"]),
+            )
+            if not order:
+                break
+            cfg = list(cur.config)
+            cfg[order[0]] += 1
+            cur = self.evaluate(tuple(cfg), "add")
+        if not cur.feasible:
+            top = tuple(self.max_replicas for _ in self.llms)
+            ev = self.evaluate(top, "max")
+            if ev.feasible:
+                cur = ev
+        if not cur.feasible:
+            best = min(self.cache.values(), key=lambda e: (
+                not e.meets_slo, round(e.p95_wait_s, 6), -round(e.quality_pct, 6),
+                e.cost_per_hour))
+            what = self._what_fails(best)
+            msg = (f"no configuration within --max-replicas {self.max_replicas} meets {what}; "
+                   f"best found: {self._describe(best)}")
+            return Plan(self, best, False, False, notes, list(self.cache.values()), msg)
+        chosen, minimal = self._descend(cur)
+        msg = f"cheapest feasible configuration found: {self._describe(chosen)}"
+        if not minimal:
+            msg += (f" (evaluation budget of {self.max_evaluations} configurations reached: "
+                    "minimality not fully checked)")
+        return Plan(self, chosen, True, minimal, notes, list(self.cache.values()), msg)
+
+    def _descend(self, cur: Evaluation) -> tuple[Evaluation, bool]:
+        """Greedy removals, then cheaper swaps, from a feasible configuration. Returns the
+        final configuration and whether no single removal from it is feasible (minimal)."""
+        while True:
+            removals = []
+            for i in range(len(self.llms)):
+                if cur.config[i] > 1:
+                    cfg = list(cur.config)
+                    cfg[i] -= 1
+                    removals.append(tuple(cfg))
+            # cheapest resulting configuration first, so a short budget goes to the best moves
+            removals.sort(key=self.replica_cost)
+            feasible = []
+            for cfg in removals:
+                if cfg not in self.cache and not self._budget_left():
+                    return cur, False
+                ev = self.evaluate(cfg, "remove")
+                if ev.feasible:
+                    feasible.append(ev)
+            if feasible:
+                cur = min(feasible, key=lambda e: (e.cost_per_hour, e.p95_wait_s))
+                continue
+            swap = self._cheaper_swap(cur)
+            if swap is None:
+                return cur, True
+            cur = swap
+
+    def _cheaper_swap(self, cur: Evaluation) -> Evaluation | None:
+        """One replica moved from an LLM to a cheaper-per-hour one, if that is feasible and
+        cheaper overall."""
+        best = None
+        for i, a in enumerate(self.llms):
+            if cur.config[i] <= 1:
+                continue
+            for j, b in enumerate(self.llms):
+                if (j == i or cur.config[j] >= self.max_replicas
+                        or self.specs[b].replica_cost_per_hour
+                        >= self.specs[a].replica_cost_per_hour):
+                    continue
+                cfg = list(cur.config)
+                cfg[i] -= 1
+                cfg[j] += 1
+                cfg_t = tuple(cfg)
+                if cfg_t not in self.cache and not self._budget_left():
+                    return best
+                ev = self.evaluate(cfg_t, "swap")
+                if ev.feasible and ev.cost_per_hour < cur.cost_per_hour and (
+                        best is None or ev.cost_per_hour < best.cost_per_hour):
+                    best = ev
+        return best
+
+    def _what_fails(self, ev: Evaluation) -> str:
+        parts = [f"the SLO p95 wait <= {self.slo:g} s"]
+        if self.quality_floor is not None:
+            parts.append(f"the quality floor {self.quality_floor:g}%")
+        return " and ".join(parts)
+
+    def _describe(self, ev: Evaluation) -> str:
+        reps = ", ".join(f"{n}={k}" for n, k in zip(self.llms, ev.config, strict=True))
+        return (f"{reps}: ${ev.cost_per_hour:.2f}/h, p95 wait {ev.p95_wait_s:.2f} s, "
+                f"quality {ev.quality_pct:.1f}%")
+
+
+# ------------------------------------------------------------------------------ helpers
+def full_batch_service_s(spec: LLMSpec, mean_in: float, mean_out: float) -> float:
+    """Mean service time of a request started on a full replica (every slot busy), which is
+    when queued requests start (sim/cluster.py's batching model)."""
+    if spec.service is not None:
+        return spec.service.mean_s
+    decode = spec.decode_tps / (1.0 + spec.batching_slowdown * (spec.slots - 1))
+    return spec.first_token_s + mean_in / spec.prefill_tps + mean_out / decode
+
+
+def planning_p95_wait(measured: pl.DataFrame) -> float:
+    """p95 wait of the measured requests as in sim.metrics, rejections counted as infinite."""
+    waited = measured.filter(
+        pl.col("outcome").is_in(["completed", "abandoned", "rejected", "failed"])
+    )
+    if waited.is_empty():
+        return 0.0
+    w = waited["wait_s"].to_numpy().astype(float)
+    w[(waited["outcome"] == "rejected").to_numpy()] = np.inf
+    return _percentile(w, 100 * QUANTILE)
+
+
+def _percentile(w: np.ndarray, q: float) -> float:
+    """np.percentile where interpolating towards an infinite wait gives inf (not NaN)."""
+    if not w.size:
+        return 0.0
+    with np.errstate(invalid="ignore"):  # inf - inf inside the interpolation
+        v = float(np.percentile(w, q))
+    return math.inf if math.isnan(v) else v
+
+
+def llm_stats(
+    measured: pl.DataFrame,
+    timeline: pl.DataFrame,
+    scenario: Scenario,
+    names: Sequence[str],
+    slo: float,
+) -> dict[str, dict[str, float]]:
+    """Per LLM: route share, share of its requests late (wait > SLO or rejected), its p95
+    wait, and utilisation (busy / capacity over the arrival period after warm-up)."""
+    out = {}
+    n = max(measured.height, 1)
+    tl = timeline.filter((pl.col("t_s") >= scenario.warmup_s)
+                         & (pl.col("t_s") <= scenario.duration_s))
+    for name in names:
+        mine = measured.filter(pl.col("llm") == name)
+        waited = mine.filter(pl.col("outcome") != "in_flight")
+        w = waited["wait_s"].to_numpy().astype(float)
+        rej = (waited["outcome"] == "rejected").to_numpy()
+        w[rej] = np.inf
+        s = tl.filter(pl.col("llm") == name)
+        cap = float(s["capacity"].sum()) if s.height else 0.0
+        out[name] = {
+            "route_share": mine.height / n,
+            "late_share": float(((w > slo) | rej).mean()) if w.size else 0.0,
+            "p95_wait_s": _percentile(w, 100 * QUANTILE),
+            "utilisation": float(s["busy"].sum()) / cap if cap > 0 else 0.0,
+        }
+    return out
+
+
+def write_plan(plan: Plan, out_dir: Path) -> tuple[Path, Path]:
+    """plan.json and plan.html under out_dir."""
+    from reports.plan_html import plan_page
+
+    out_dir = Path(out_dir)
+    js = out_dir / "plan.json"
+    write_json(plan.as_json(), js)
+    page = plan_page(plan)
+    return js, page.write(out_dir / "plan.html")

@@ -1,0 +1,143 @@
+"""Finds and reads the runs a `routesim run` wrote under an output directory.
+
+Layout (DESIGN.md "Outputs"): OUT/<scenario>/scenario.yaml and
+OUT/<scenario>/<policy>/seed<k>/{summary.json, requests.parquet, timeline.parquet,
+events.parquet}. Only these files are read; nothing is simulated again.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import yaml
+
+from sim.errors import RouteSimError
+from sim.runner import summaries_frame
+from sim.scenario import Scenario, parse_scenario
+
+
+@dataclass
+class RunFiles:
+    """One (policy, seed) run on disk."""
+
+    dir: Path
+    summary: dict[str, Any]
+
+    @property
+    def policy(self) -> str:
+        return str(self.summary["policy"])
+
+    @property
+    def seed(self) -> int:
+        return int(self.summary["seed"])
+
+    def requests(self, columns: list[str] | None = None) -> pl.DataFrame:
+        return _read(self.dir / "requests.parquet", columns)
+
+    def timeline(self) -> pl.DataFrame:
+        return _read(self.dir / "timeline.parquet", None)
+
+    def events(self) -> pl.DataFrame:
+        return _read(self.dir / "events.parquet", None)
+
+
+@dataclass
+class ScenarioRuns:
+    """Every run of one scenario found under the output directory."""
+
+    name: str
+    dir: Path
+    scenario: Scenario | None
+    runs: list[RunFiles] = field(default_factory=list)
+
+    @cached_property
+    def policies(self) -> list[str]:
+        """Policy labels: the scenario file's order first, then any others by name."""
+        found = {r.policy for r in self.runs}
+        order: list[str] = []
+        if self.scenario is not None:
+            order = [p.display for p in self.scenario.policy_specs if p.display in found]
+        return order + sorted(found - set(order))
+
+    @cached_property
+    def seeds(self) -> list[int]:
+        return sorted({r.seed for r in self.runs})
+
+    def runs_of(self, policy: str) -> list[RunFiles]:
+        return sorted((r for r in self.runs if r.policy == policy), key=lambda r: r.seed)
+
+    def first_run(self, policy: str) -> RunFiles:
+        return self.runs_of(policy)[0]
+
+    def summaries(self) -> pl.DataFrame:
+        return summaries_frame([r.summary for r in self.runs])
+
+    @property
+    def warmup_s(self) -> float:
+        return self.scenario.warmup_s if self.scenario is not None else 0.0
+
+
+def _read(path: Path, columns: list[str] | None) -> pl.DataFrame:
+    if not path.is_file():
+        raise RouteSimError("missing output file (an interrupted run?)", source=str(path))
+    try:
+        df = pl.read_parquet(path)
+    except Exception as exc:  # noqa: BLE001 - any unreadable parquet is the same user error
+        raise RouteSimError(f"cannot read parquet: {exc}", source=str(path)) from None
+    if columns is not None:
+        missing = [c for c in columns if c not in df.columns]
+        if missing:
+            raise RouteSimError(
+                f"missing column(s) {', '.join(missing)}; columns: {', '.join(df.columns)}",
+                source=str(path),
+            )
+        df = df.select(columns)
+    return df
+
+
+def _load_scenario(path: Path) -> Scenario | None:
+    if not path.is_file():
+        return None
+    try:
+        return parse_scenario(yaml.safe_load(path.read_text(encoding="utf-8")), source=str(path))
+    except (OSError, yaml.YAMLError, RouteSimError):
+        return None
+
+
+def discover_runs(out_dir: str | Path) -> list[ScenarioRuns]:
+    """Every scenario with at least one run under `out_dir`; none -> RouteSimError."""
+    out = Path(out_dir)
+    hint = (
+        "expected <scenario>/<policy>/seed<k>/summary.json as written by "
+        f"`routesim run --out {out}`"
+    )
+    if not out.is_dir():
+        raise RouteSimError(f"no such directory; {hint}", source=str(out))
+    found: list[ScenarioRuns] = []
+    for sdir in sorted(p for p in out.iterdir() if p.is_dir()):
+        runs = []
+        for summary_path in sorted(sdir.glob("*/seed*/summary.json")):
+            try:
+                summary = json.loads(summary_path.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError) as exc:
+                raise RouteSimError(
+                    f"unreadable summary: {exc}", source=str(summary_path)
+                ) from None
+            if not isinstance(summary, dict) or not {"policy", "seed"} <= summary.keys():
+                raise RouteSimError(
+                    "not a routesim summary (needs keys policy and seed)", source=str(summary_path)
+                )
+            runs.append(RunFiles(summary_path.parent, summary))
+        if runs:
+            scenario = _load_scenario(sdir / "scenario.yaml")
+            name = scenario.name if scenario is not None else str(runs[0].summary.get(
+                "scenario", sdir.name))
+            found.append(ScenarioRuns(name, sdir, scenario, runs))
+    if not found:
+        raise RouteSimError(f"no runs found; {hint}", source=str(out))
+    return found

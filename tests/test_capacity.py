@@ -1,0 +1,186 @@
+"""Capacity planning: Erlang C formulas, the search, minimality of the plan, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from helpers import llm
+from reports.capacity import Planner, planning_p95_wait, with_replicas, write_plan
+from reports.erlang import erlang_b, erlang_c, late_share, replicas_for, wait_exceeds
+from sim.cli import app
+from sim.errors import RouteSimError
+from sim.scenario import Scenario, parse_scenario
+
+runner = CliRunner()
+
+
+def _data(**kw) -> dict:
+    """An API LLM with room to spare and two self-hosted LLMs with few slots, so their
+    replica counts decide the wait; `random` spreads traffic evenly (load-independent)."""
+    data = {
+        "name": "cap",
+        "seed": 5,
+        "duration_s": 600.0,
+        "warmup_s": 60.0,
+        "arrivals": {"kind": "poisson", "rate_per_s": 3.0},
+        "workload": {"source": "synthetic", "reference_llm": "gpt-4", "n_queries": 800},
+        "llms": [
+            llm("gpt-4", replicas=4, slots=32),
+            llm("llama-3.1-70b", price_in_per_mtok=0.0, price_out_per_mtok=0.0, slots=4,
+                decode_tps=45, replica_cost_per_hour=12.0),
+            llm("llama-3.1-8b", price_in_per_mtok=0.0, price_out_per_mtok=0.0, slots=8,
+                decode_tps=130, replica_cost_per_hour=3.0),
+        ],
+        "users": {"patience_s": {"kind": "exponential", "mean": 60}},
+        "policies": ["random"],
+    }
+    data.update(kw)
+    return data
+
+
+def _scenario(**kw) -> Scenario:
+    return parse_scenario(_data(**kw))
+
+
+# ------------------------------------------------------------------------------ Erlang C
+def test_erlang_c_known_values():
+    assert erlang_b(1, 1.0) == pytest.approx(0.5)
+    assert erlang_c(1, 0.7) == pytest.approx(0.7)  # M/M/1: P(wait) = rho
+    assert erlang_c(2, 1.0) == pytest.approx(1 / 3)  # M/M/2 at rho = 0.5
+    assert erlang_c(3, 3.0) == 1.0 and erlang_c(3, 0.0) == 0.0
+    # M/M/1: P(W > t) = rho * exp(-(mu - lam) t)
+    assert wait_exceeds(1, 0.5, 1.0, 2.0) == pytest.approx(0.5 * math.exp(-1.0))
+
+
+def test_replicas_for_is_the_smallest_sufficient_count():
+    rates, weights, s, slots, slo = [2.0, 6.0], [1.0, 1.0], 4.0, 4, 2.0
+    r = replicas_for(rates, weights, s, slots, slo, max_replicas=20)
+    assert r is not None and r > 1
+    assert late_share(r * slots, rates, weights, s, slo) <= 0.05
+    assert late_share((r - 1) * slots, rates, weights, s, slo) > 0.05
+    assert replicas_for(rates, weights, s, slots, slo, max_replicas=r - 1) is None
+
+
+def test_with_replicas_changes_initial_and_added_llms():
+    sc = _scenario(events=[{"at_s": 100, "add_llm": llm(
+        "mixtral-8x7b", price_in_per_mtok=0.0, price_out_per_mtok=0.0,
+        replica_cost_per_hour=6.0)}])
+    new = with_replicas(sc, {"llama-3.1-70b": 5, "mixtral-8x7b": 3})
+    assert new.llm("llama-3.1-70b").replicas == 5
+    assert new.llm("mixtral-8x7b").replicas == 3
+    assert new.llm("llama-3.1-8b").replicas == 1 and sc.llm("llama-3.1-70b").replicas == 1
+
+
+def test_rejections_count_as_missed_waits():
+    import polars as pl
+
+    m = pl.DataFrame({"outcome": ["completed"] * 90 + ["rejected"] * 10,
+                      "wait_s": [0.0] * 100})
+    assert planning_p95_wait(m) == math.inf
+
+
+# -------------------------------------------------------------------------------- search
+@pytest.fixture(scope="module")
+def plan():
+    planner = Planner(_scenario(), "random", 2.0, max_replicas=8, seeds=2)
+    return planner.plan()
+
+
+def test_plan_meets_the_slo_at_the_stated_cost(plan, tmp_path):
+    assert plan.feasible and plan.minimal
+    ev = plan.chosen
+    assert ev.meets_slo and ev.p95_wait_s <= 2.0
+    reps = plan.replicas()
+    assert set(reps) == {"llama-3.1-70b", "llama-3.1-8b"}  # the API LLM is not sized
+    assert ev.replica_cost_per_hour == pytest.approx(
+        12.0 * reps["llama-3.1-70b"] + 3.0 * reps["llama-3.1-8b"])
+    assert ev.cost_per_hour == pytest.approx(ev.replica_cost_per_hour + ev.api_cost_per_hour)
+    assert ev.api_cost_per_hour > 0  # random sends a third of the traffic to gpt-4
+    # the slow, few-slot 70B needs more than one replica at a third of 3 req/s
+    assert reps["llama-3.1-70b"] >= 2
+    js, html = write_plan(plan, tmp_path)
+    data = json.loads(js.read_text())
+    for key in ("replicas", "cost_per_hour", "p95_wait_s", "meets_slo",
+                "quality_pct_of_reference"):
+        assert key in data
+    assert data["replicas"] == reps and data["meets_slo"] is True
+    assert 'name="routesim-figures"' in html.read_text(encoding="utf-8")
+
+
+def test_plan_is_minimal(plan):
+    """Removing one replica from any LLM breaks the SLO: checked by a fresh planner (no
+    cache) on the same seeds."""
+    fresh = Planner(_scenario(), "random", 2.0, max_replicas=8, seeds=2)
+    again = fresh.evaluate(plan.chosen.config, "check")
+    assert again.feasible and again.p95_wait_s == pytest.approx(plan.chosen.p95_wait_s)
+    checked = 0
+    for i, name in enumerate(fresh.llms):
+        cfg = list(plan.chosen.config)
+        if cfg[i] == 1:
+            continue  # every LLM keeps at least one replica
+        cfg[i] -= 1
+        ev = fresh.evaluate(tuple(cfg), "minus one")
+        assert not ev.meets_slo, f"{name}: {cfg} still meets the SLO"
+        checked += 1
+    assert checked >= 1
+
+
+def test_analytic_start_comes_from_observed_shares(plan):
+    a = plan.analytic["llama-3.1-70b"]
+    # random over three LLMs: about a third of the traffic each
+    assert 0.25 < a["route_share_pilot"] < 0.42
+    assert a["replicas"] >= 1 and a["mean_service_full_batch_s"] > 0
+    assert any(e.stage == "analytic" for e in plan.tried)
+
+
+def test_quality_floor_is_a_constraint():
+    planner = Planner(_scenario(), "random", 2.0, max_replicas=3, seeds=1,
+                      quality_floor=150.0)
+    result = planner.plan()
+    assert not result.feasible
+    assert "quality floor 150%" in result.message and "best found" in result.message
+
+
+# ------------------------------------------------------------------------------- the CLI
+def _write(tmp_path, data) -> str:
+    path = tmp_path / "cap.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_impossible_slo_says_so_and_exits_non_zero(tmp_path):
+    path = _write(tmp_path, _data(duration_s=300.0))
+    out = tmp_path / "plan"
+    res = runner.invoke(app, ["plan", path, "--policy", "random", "--slo-p95-wait", "2",
+                              "--max-replicas", "1", "--seeds", "1", "--out", str(out)])
+    assert res.exit_code == 1, res.output
+    assert "no configuration within --max-replicas 1" in res.output
+    assert "best found" in res.output
+    data = json.loads((out / "plan.json").read_text())
+    assert data["meets_slo"] is False and data["feasible"] is False
+    assert data["replicas"] == {"llama-3.1-70b": 1, "llama-3.1-8b": 1}
+    assert (out / "plan.html").is_file()
+
+
+def test_no_self_hosted_llm_is_bad_input(tmp_path):
+    data = _data()
+    for spec in data["llms"]:
+        spec.pop("replica_cost_per_hour", None)
+    res = runner.invoke(app, ["plan", _write(tmp_path, data), "--policy", "random",
+                              "--slo-p95-wait", "2", "--out", str(tmp_path / "p")])
+    assert res.exit_code == 2
+    assert "replica_cost_per_hour" in res.output
+    assert not (tmp_path / "p").exists()
+
+
+def test_unknown_policy_and_bad_slo_are_bad_input(tmp_path):
+    path = _write(tmp_path, _data())
+    res = runner.invoke(app, ["plan", path, "--policy", "nope", "--slo-p95-wait", "2"])
+    assert res.exit_code == 2 and "unknown policy 'nope'" in res.output
+    with pytest.raises(RouteSimError, match="--slo-p95-wait"):
+        Planner(_scenario(), "random", -1.0)

@@ -1,0 +1,143 @@
+"""FrugalGPT-style cascade: escalation, paying for every attempt, acceptance calibration."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from routing_workloads import context, learnable_workload, llm_infos, reference
+
+from policies import registry
+from policies.cascade import ACCEPT_GRID
+from reports.frontier import SingleLLM
+from sim.context import request_cost_usd
+from sim.offline import evaluate_offline, idle_view
+from sim.types import SPLIT_TEST, Answer, Query
+
+
+@pytest.fixture(scope="module")
+def wl():
+    return learnable_workload()
+
+
+@pytest.fixture(scope="module")
+def cascade(wl):
+    pol = registry.create("cascade")
+    pol.setup(context(wl, llm_infos()))
+    return pol
+
+
+def _offline(pol, wl, seed=0):
+    llms = llm_infos()
+    return evaluate_offline(
+        pol, wl, llms, wl.rows(SPLIT_TEST), reference=reference(llms), seed=seed
+    )
+
+
+def test_learned_chain_goes_cheapest_first(cascade):
+    prices = {x.name: x.price_out_per_mtok for x in llm_infos()}
+    chain = cascade.chain
+    assert 2 <= len(chain) <= 3
+    assert [prices[n] for n in chain] == sorted(prices[n] for n in chain)
+    assert chain[0] == "small"
+
+
+def test_cost_includes_every_attempt(cascade, wl):
+    cascade.set_tradeoff(0.9)
+    res = _offline(cascade, wl)
+    assert 1.0 < res.attempts.mean() < len(cascade.chain)  # some escalate, not all
+    # Recompute the bill by hand: query i paid for the first attempts[i] rungs.
+    rows = wl.rows(SPLIT_TEST)
+    info = {x.name: x for x in llm_infos()}
+    total = 0.0
+    for i, row in enumerate(rows):
+        for name in cascade.chain[: res.attempts[i]]:
+            x = info[name]
+            total += float(
+                request_cost_usd(
+                    wl.input_tokens[row],
+                    wl.output_tokens[row, x.model_col],
+                    x.price_in_per_mtok,
+                    x.price_out_per_mtok,
+                )
+            )
+    assert res.cost_usd == pytest.approx(total, rel=1e-9)
+
+
+def test_threshold_extremes(cascade, wl):
+    cascade.set_tradeoff(0.0)
+    first = _offline(cascade, wl)
+    assert np.all(first.attempts == 1)
+    assert first.route_share[cascade.chain[0]] == 1.0
+    cascade.set_tradeoff(1.0)
+    full = _offline(cascade, wl)
+    assert np.all(full.attempts == len(cascade.chain))
+    assert full.route_share[cascade.chain[-1]] == 1.0
+
+
+def test_knob_is_monotone_and_beats_random(cascade, wl):
+    llms = llm_infos()
+    costs, quals = [], []
+    for t in ACCEPT_GRID:
+        cascade.set_tradeoff(t)
+        r = _offline(cascade, wl)
+        costs.append(r.cost_pct)
+        quals.append(r.quality_pct)
+    # Same judge draws per attempt (same seed): a higher threshold accepts at no rung where
+    # a lower one escalated, so every query's bill is non-decreasing: exact monotonicity.
+    assert np.all(np.diff(costs) >= -1e-9)
+    rows = wl.rows(SPLIT_TEST)
+    singles = [
+        evaluate_offline(SingleLLM(x.name), wl, llms, rows, reference=reference(llms)) for x in llms
+    ]
+    rand_q = np.mean([s.quality_pct for s in singles])
+    rand_c = np.mean([s.cost_pct for s in singles])
+    costs, quals = np.array(costs), np.array(quals)
+    # Margin as in test_predictive (sd of a test quality % about 2.6 points).
+    assert quals[costs <= rand_c].max() > rand_q + 10.0
+
+
+def test_acceptance_rises_with_the_judge_score(cascade, wl):
+    cascade.set_tradeoff(0.5)
+    llms = llm_infos()
+    view = idle_view(llms)
+    row = int(wl.rows(SPLIT_TEST)[0])
+    q = Query(id=0, row=row, arrival_s=0.0, input_tokens=100, task=0)
+    first = cascade.route(q, view).llm
+    assert first == cascade.chain[0]
+    col = cascade.llms[first].model_col
+    p = cascade._p_good(col, np.linspace(0, 1, 11), np.full(11, cascade.q_hat[row, col]))
+    assert np.all(np.diff(p) > 0)
+    good = Answer(llm=first, judge_score=1.0, cost_usd=0.0, latency_s=0.0)
+    bad = Answer(llm=first, judge_score=0.0, cost_usd=0.0, latency_s=0.0)
+    assert cascade.on_answer(q, good, view) is None
+    assert cascade.on_answer(q, bad, view).llm == cascade.chain[1]
+    # The next rung cannot take it: skip to one that can, or accept when none is left.
+    j = view.index(cascade.chain[1])
+    view.up[j] = False
+    view.refresh(j)
+    nxt = cascade.on_answer(q, bad, view)
+    assert (nxt is None) if len(cascade.chain) == 2 else (nxt.llm == cascade.chain[2])
+
+
+def test_noisier_judge_is_trusted_less(wl):
+    # With a judge as noisy as a coin, a perfect score says little, so the fitted
+    # acceptance of a top score must fall.
+    sharp = registry.create("cascade", {"judge_noise": 0.05, "chain": ["small", "large"]})
+    blunt = registry.create("cascade", {"judge_noise": 1.0, "chain": ["small", "large"]})
+    for pol in (sharp, blunt):
+        pol.setup(context(wl, llm_infos()))
+    args = (0, np.array([1.0]), np.array([0.5]))
+    assert sharp._p_good(*args)[0] > blunt._p_good(*args)[0]
+    assert sharp.chain == ("small", "large")
+
+
+def test_added_llm_joins_a_learned_chain(wl):
+    pol = registry.create("cascade", {"accept_threshold": 0.5})
+    pol.setup(context(wl, llm_infos(("mid", "large"))))
+    assert pol.chain == ("mid", "large")
+    small = llm_infos(("small",))[0]
+    pol.on_llm_added(small)
+    # `small` is the cheapest and right on half the queries: the learned chain starts there.
+    assert pol.chain[0] == "small"
+    pol.on_llm_removed("small")
+    assert "small" not in pol.chain

@@ -1,0 +1,144 @@
+"""report.html: self-contained, drawn by a real headless browser, clear errors without runs."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+from helpers import llm, scenario
+from reports.html import write_run_report
+from reports.rundata import discover_runs
+from reports.single_llm import single_llm_points
+from sim.cli import app
+from sim.errors import RouteSimError
+from sim.runner import run
+
+runner = CliRunner()
+FIGURES_PER_SCENARIO = 8  # frontier, 2 CDFs, SLO, saturation, queues, route share, cost
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """Two policies x two seeds of a small scenario with an LLM addition and an outage."""
+    out = tmp_path_factory.mktemp("runs")
+    sc = scenario(
+        duration_s=240.0,
+        warmup_s=20.0,
+        arrivals={"kind": "poisson", "rate_per_s": 2.0},
+        llms=[llm("gpt-4", replicas=2, slots=4),
+              llm("mistral-7b", price_in_per_mtok=0.2, price_out_per_mtok=0.2, slots=8)],
+        events=[
+            {"at_s": 80, "add_llm": llm("llama-3.1-8b", price_in_per_mtok=0.18,
+                                        price_out_per_mtok=0.18)},
+            {"at_s": 120, "outage": {"llm": "gpt-4", "replicas": 1, "duration_s": 40}},
+        ],
+        policies=["random", "cheapest"],
+    )
+    run(sc, seeds=2, out=out)
+    return out
+
+
+def test_report_is_self_contained(run_dir):
+    path = write_run_report(run_dir)
+    assert path == run_dir / "report.html"
+    text = path.read_text(encoding="utf-8")
+    # plotly.js inline: no script, style sheet or image is fetched from anywhere
+    assert not re.search(r"<script[^>]+src=", text)
+    assert not re.search(r"<link[^>]+href=", text)
+    assert not re.search(r"<img[^>]+src=", text)
+    assert len(text) > 1_000_000 and "Plotly.newPlot" in text
+    n = int(re.search(r'name="routesim-figures" content="(\d+)"', text).group(1))
+    assert n == FIGURES_PER_SCENARIO
+    for needle in ("Quality vs cost", "Wait CDF", "Latency CDF", "Queue length", "Route share",
+                   "Cumulative cost", "SLO attainment", "Saturation", "add_llm", "outage",
+                   "Paired differences vs random", "one LLM for every query"):
+        assert needle in text, needle
+
+
+def test_single_llm_points_match_a_router_that_uses_one_llm(run_dir):
+    """Every LLM of the scenario, the added one included, gets a point; the reference LLM
+    alone is exactly 100% quality at 100% cost."""
+    sr = discover_runs(run_dir)[0]
+    points, why = single_llm_points(sr)
+    assert why == ""
+    by = {p.llm: p for p in points}
+    assert set(by) == {"gpt-4", "mistral-7b", "llama-3.1-8b"}
+    assert by["gpt-4"].quality_pct == pytest.approx(100.0)
+    assert by["gpt-4"].cost_pct == pytest.approx(100.0)
+    assert by["mistral-7b"].cost_pct < by["gpt-4"].cost_pct
+
+
+def test_single_llm_cost_equals_an_uncongested_one_llm_run(tmp_path):
+    sc = scenario(duration_s=150.0, llms=[llm("gpt-4", slots=64),
+                                          llm("mistral-7b", price_in_per_mtok=0.2,
+                                              price_out_per_mtok=0.2, slots=64)],
+                  policies=["cheapest"])
+    res = run(sc, seeds=1, out=tmp_path)
+    s = res.summaries[0]
+    assert s["completed"] == s["arrived"]  # nothing lost: the router is "mistral-7b alone"
+    by = {p.llm: p for p in single_llm_points(discover_runs(tmp_path)[0])[0]}
+    assert by["mistral-7b"].cost_pct == pytest.approx(s["cost_pct_of_reference"], rel=1e-9)
+    assert by["mistral-7b"].quality_pct == pytest.approx(s["quality_pct_of_reference"],
+                                                         rel=1e-6)
+
+
+def test_report_without_runs_is_a_clear_error(tmp_path):
+    with pytest.raises(RouteSimError, match="no runs found"):
+        write_run_report(tmp_path)
+    with pytest.raises(RouteSimError, match="no such directory"):
+        write_run_report(tmp_path / "missing")
+    res = runner.invoke(app, ["report", str(tmp_path)])
+    assert res.exit_code == 2
+    assert "no runs found" in res.output and "routesim run" in res.output
+    assert not (tmp_path / "report.html").exists()
+
+
+def test_report_command_writes_the_file(run_dir):
+    res = runner.invoke(app, ["report", str(run_dir), "--baseline", "cheapest"])
+    assert res.exit_code == 0, res.output
+    assert "Paired differences vs cheapest" in (run_dir / "report.html").read_text(
+        encoding="utf-8")
+
+
+def test_report_reads_only_files_on_disk(run_dir, tmp_path):
+    """A copy of the run directory elsewhere gives the same report."""
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    (copy / "report.html").unlink(missing_ok=True)
+    assert write_run_report(copy).is_file()
+    assert pl.read_parquet(copy / "summary.parquet").height == 4
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no headless Chromium installed "
+                    "(apt-get install chromium)")
+def test_every_figure_draws_in_headless_chromium(run_dir, tmp_path):
+    path = write_run_report(run_dir)
+    cmd = [
+        _chromium(), "--headless", "--no-sandbox", "--disable-gpu",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=30000", "--dump-dom", path.resolve().as_uri(),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, check=False)
+    dom = proc.stdout
+    assert dom, proc.stderr[-2000:]
+    drawn = re.search(r'data-plots-drawn="(\d+)"', dom)
+    assert drawn is not None, "the page's scripts did not run"
+    # Each figure's post-draw callback increments the counter once Plotly has drawn it.
+    assert int(drawn.group(1)) == FIGURES_PER_SCENARIO
+    # Every drawn plotly figure has at least one <svg class="main-svg">.
+    assert dom.count('class="main-svg"') >= FIGURES_PER_SCENARIO
