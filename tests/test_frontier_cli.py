@@ -1,0 +1,37 @@
+"""`routesim frontier` writes the table and the figure data."""
+
+from __future__ import annotations
+
+import polars as pl
+import yaml
+from typer.testing import CliRunner
+
+from sim.cli import app
+
+
+def test_frontier_command(tmp_path):
+    sc = {
+        "name": "fr", "seed": 3, "duration_s": 100,
+        "workload": {"source": "synthetic", "reference_llm": "gpt-4", "n_queries": 800},
+        "arrivals": {"kind": "poisson", "rate_per_s": 1.0},
+        "llms": [
+            {"name": "gpt-4", "price_in_per_mtok": 10, "price_out_per_mtok": 30},
+            {"name": "mixtral-8x7b", "price_in_per_mtok": 0.6, "price_out_per_mtok": 0.6},
+            {"name": "mistral-7b", "price_in_per_mtok": 0.2, "price_out_per_mtok": 0.2},
+        ],
+    }
+    p = tmp_path / "fr.yaml"
+    p.write_text(yaml.safe_dump(sc))
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["frontier", str(p), "-p", "knn", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    pts = pl.read_parquet(out / "frontier_points.parquet")
+    aiq = pl.read_parquet(out / "frontier_aiq.parquet")
+    assert {"knn", "random", "oracle"} <= set(pts["policy"])
+    assert pts.filter(pl.col("kind") == "llm").height == 3
+    knn = aiq.filter(pl.col("policy") == "knn").row(0, named=True)
+    oracle = aiq.filter(pl.col("policy") == "oracle_frontier").row(0, named=True)
+    assert knn["aiq"] <= oracle["aiq"]
+    assert (out / "frontier.html").read_text().count("Plotly.newPlot") >= 1
+    bad = CliRunner().invoke(app, ["frontier", str(p), "-p", "nope", "--out", str(out)])
+    assert bad.exit_code == 2 and "unknown policy 'nope'" in bad.output
