@@ -29,8 +29,9 @@ app = typer.Typer(
     help="Discrete-event simulator of routed LLM clusters.",
     pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+# Piped output (CI logs, files) gets a wide table instead of rich's 80-column default.
+console = Console(width=None if sys.stdout.isatty() else 140)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
 
 EXIT_BAD_INPUT = 2
 
