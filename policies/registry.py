@@ -67,8 +67,12 @@ def get(name: str, *, field: str = "policy") -> type[BasePolicy]:
     try:
         return _REGISTRY[name]
     except KeyError:
+        import difflib
+
+        hint = difflib.get_close_matches(name, names(), n=1)
+        did = f" (did you mean {hint[0]!r}?)" if hint else ""
         raise PolicyError(
-            f"unknown policy {name!r}; choose one of: {', '.join(names())}", field=field
+            f"unknown policy {name!r}{did}; choose one of: {', '.join(names())}", field=field
         ) from None
 
 

@@ -119,6 +119,9 @@ def trace_times(spec: TraceArrivals, duration_s: float) -> np.ndarray:
         raise DataError("trace file not found", source=str(path), field="arrivals.path")
     try:
         df = pl.read_csv(path)
+        if spec.column is None and df.columns and _is_number(df.columns[0]):
+            # No header line: the first timestamp must not be taken for a column name.
+            df = pl.read_csv(path, has_header=False)
     except Exception as exc:  # polars raises several types for malformed CSV
         raise DataError(
             f"cannot read CSV: {exc}", source=str(path), field="arrivals.path"
@@ -146,11 +149,27 @@ def trace_times(spec: TraceArrivals, duration_s: float) -> np.ndarray:
         )
     t = np.sort(t) * spec.time_scale
     if t.size and spec.loop:
-        span = max(float(t[-1]), 1e-9)
-        reps = int(np.ceil(duration_s / span)) + 1
-        t = np.concatenate([t + i * span for i in range(reps)])
-        t = np.unique(t)
+        if t[-1] <= t[0]:
+            raise DataError(
+                "loop needs at least two distinct timestamps (the trace has no length)",
+                source=str(path),
+                field="arrivals.loop",
+            )
+        # One pass lasts from its first arrival to its last plus a typical gap, so passes
+        # join without piling arrivals on one instant; simultaneous arrivals are kept.
+        gaps = np.diff(t)
+        period = float(t[-1] - t[0] + np.median(gaps[gaps > 0]))
+        reps = int(np.ceil(duration_s / period)) + 1
+        t = np.concatenate([t + i * period for i in range(reps)])
     return t[t < duration_s]
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def arrival_times(spec: Arrivals, duration_s: float, rng: np.random.Generator) -> np.ndarray:

@@ -51,10 +51,15 @@ def load_for_cli(scenario: str | None, data: str | None = None) -> Scenario:
     return sc
 
 
-def _fmt(v, spec: str = ".1f", suffix: str = "") -> str:
-    if v is None or v != v:
-        return "-"
-    return f"{v:{spec}}{suffix}"
+def _source_of(scenario: str | None) -> str:
+    """The file a scenario argument names (built-in names resolve to the shipped file)."""
+    from sim.scenario import builtin_scenario_path
+
+    name = scenario or DEFAULT_SCENARIO
+    if Path(name).is_file():
+        return name
+    path = builtin_scenario_path(name)
+    return str(path) if path else name
 
 
 @app.command()
@@ -74,19 +79,20 @@ def run(
 ) -> None:
     """Simulate every (policy, seed) of a scenario and compare them."""
     from sim.compare import compare, compare_tables, upper_bound_policies
-    from sim.runner import resolve_policies
+    from sim.runner import check_models, resolve_policies
     from sim.runner import run as run_all
 
     try:
         sc = load_for_cli(scenario, data)
         specs = resolve_policies(sc, policy)
+        check_models(sc)
         labels = [s.display for s in specs]
         if baseline is not None and baseline not in labels:
             raise RouteSimError(
                 f"{baseline!r} is not one of the policies run; choose one of: "
                 f"{', '.join(labels)}", field="--baseline")
     except RouteSimError as exc:
-        fail(exc)
+        fail(exc.with_source(_source_of(scenario)))
     total = len(specs) * seeds
     horizon = sc.duration_s + (sc.run.drain_s or 0.0)
     with Progress(
@@ -136,13 +142,14 @@ def validate(
     file: Annotated[str, typer.Argument(help="scenario YAML")],
 ) -> None:
     """Check a scenario file (and its policies) without running it."""
-    from sim.runner import resolve_policies
+    from sim.runner import check_models, resolve_policies
 
     try:
         sc = load_scenario(file)
         specs = resolve_policies(sc)
+        check_models(sc)
     except RouteSimError as exc:
-        fail(exc)
+        fail(exc.with_source(_source_of(file)))
     console.print(
         f"[green]ok[/]: {file}: scenario {sc.name!r}, {len(sc.llms)} LLM(s), "
         f"{len(sc.events)} event(s), policies: {', '.join(s.display for s in specs)}"
@@ -182,7 +189,7 @@ def _register_plugins() -> None:
     """Subcommands that live next to the code they drive (reports, sweeps, frontiers)."""
     import importlib
 
-    for mod in ("reports.commands", "sim.sweep", "reports.frontier_cli"):
+    for mod in ("reports.commands", "sim.sweep", "reports.sweep_report", "reports.frontier_cli"):
         try:
             module = importlib.import_module(mod)
         except ModuleNotFoundError as exc:

@@ -41,6 +41,7 @@ class Job:
         "ttft_s",
         "primary",
         "token",
+        "first",
     )
 
     def __init__(self, rid: int, dep: Deployment, enq_s: float, deadline: float, primary: bool):
@@ -56,6 +57,7 @@ class Job:
         self.ttft_s = 0.0
         self.primary = primary
         self.token = 0
+        self.first = False  # the request's first call: uses the precomputed service draws
 
 
 class Deployment:
@@ -81,6 +83,8 @@ class Deployment:
         "vi",
         "mean_service_s",
         "busy",
+        "down",
+        "slowdowns",
     )
 
     def __init__(self, spec: LLMSpec, idx: int, col: int, mean_service_s: float):
@@ -89,6 +93,8 @@ class Deployment:
         self.name = spec.name
         self.col = col  # workload model column
         self.up = [True] * spec.replicas
+        self.down = [0] * spec.replicas  # outages in force per replica (they can overlap)
+        self.slowdowns: dict[int, float] = {}  # event index -> factor, while in force
         self.active = [0] * spec.replicas
         self.running: list[set[Job]] = [set() for _ in range(spec.replicas)]
         self.queue: deque[Job] = deque()
@@ -97,7 +103,8 @@ class Deployment:
         self.speed_factor = 1.0  # service-time multiplier (slowdown events)
         self.price_in = spec.price_in_per_mtok
         self.price_out = spec.price_out_per_mtok
-        self.bucket = spec.rate_limit_per_s or 0.0  # token bucket (1 s burst)
+        # Token bucket: a burst of max(1, rate) so limits below 1/s still admit requests.
+        self.bucket = max(1.0, spec.rate_limit_per_s or 0.0)
         self.bucket_t = 0.0
         self.present = False
         self.vi = -1  # index in the current ClusterView
@@ -120,7 +127,7 @@ class Deployment:
         rate = self.spec.rate_limit_per_s
         if rate is None:
             return True
-        self.bucket = min(rate, self.bucket + (now - self.bucket_t) * rate)
+        self.bucket = min(max(1.0, rate), self.bucket + (now - self.bucket_t) * rate)
         self.bucket_t = now
         if self.bucket >= 1.0:
             self.bucket -= 1.0
@@ -195,7 +202,7 @@ class Cluster:
             ahead = d.n_queued + d.busy - cap + 1
             v.est_wait_s[i] = ahead * d.mean_service_s / cap if ahead > 0 else 0.0
             v.load[i] = (d.busy + d.n_queued) / cap
-            v.accepting[i] = d.n_queued < d.spec.max_queue
+            v.accepting[i] = d.busy < cap or d.n_queued < d.spec.max_queue
         else:
             v.est_wait_s[i] = np.inf
             v.load[i] = np.inf

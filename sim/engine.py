@@ -83,11 +83,29 @@ def prepare_inputs(scenario: Scenario, workload: Workload, seed: int) -> Inputs:
     )
 
 
+def reference_prices_at(scenario: Scenario, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The reference LLM's list prices in force at each time in `t` (price changes apply)."""
+    ref = scenario.llm(scenario.workload.reference_llm)
+    steps = [(0.0, ref.price_in_per_mtok, ref.price_out_per_mtok)]
+    for e in sorted(scenario.events, key=lambda e: e.at_s):
+        pc = e.price_change
+        if pc is not None and pc.llm == ref.name:
+            _, pin, pout = steps[-1]
+            steps.append((e.at_s, pin if pc.price_in_per_mtok is None else pc.price_in_per_mtok,
+                          pout if pc.price_out_per_mtok is None else pc.price_out_per_mtok))
+    at = np.array([s[0] for s in steps])
+    idx = np.searchsorted(at, t, side="right") - 1
+    return (np.array([s[1] for s in steps])[idx], np.array([s[2] for s in steps])[idx])
+
+
 @dataclass(eq=False)
 class _TopK:
     pending: int
     keep: str
     results: list  # (quality, job)
+    waits: list  # queueing time of each copy that started or gave up
+    failed: bool = False
+    finished: bool = False  # the primary answer was delivered; later copies only cost
 
 
 class Simulation:
@@ -130,6 +148,7 @@ class Simulation:
         self._seq = 0
         self._next = 0
         self._topk: dict[int, _TopK] = {}
+        self._answered: dict[int, tuple[float, Job]] = {}  # escalated: the answer in hand
         self._in_system = 0
         self._done_count = [0] * len(all_specs)
         self._wants_answers = _overrides(policy, "on_answer")
@@ -171,9 +190,9 @@ class Simulation:
         c["input_tokens"][:] = self.wl.input_tokens[inputs.rows]
         ref_col = self.wl.models.index(ref.model_name)
         c["ref_quality"][:] = self.wl.quality[inputs.rows, ref_col]
+        p_in, p_out = reference_prices_at(scenario, inputs.arrival_s)
         c["ref_cost_usd"][:] = (
-            c["input_tokens"] * ref.price_in_per_mtok
-            + self.wl.output_tokens[inputs.rows, ref_col] * ref.price_out_per_mtok
+            c["input_tokens"] * p_in + self.wl.output_tokens[inputs.rows, ref_col] * p_out
         ) / 1e6
 
     # ------------------------------------------------------------------------- run loop
@@ -201,7 +220,7 @@ class Simulation:
         def check():
             while True:
                 yield self.env.timeout(self.sc.run.sample_every_s)
-                if self._next >= self.n and self._in_system == 0:
+                if self._next >= self.n and self._in_system == 0 and not self._topk:
                     done.succeed()
                     return
 
@@ -235,9 +254,7 @@ class Simulation:
         self._next += 1
         self._in_system += 1
         now = self.env.now
-        if self._fb_heap and self._fb_heap[0][0] <= now:
-            self._deliver_feedback(now)
-        self._expire_all(now)
+        self._observe(now)
         self._offer(rid, 0, now)
         if self._next < self.n:
             nxt = self.env.timeout(self._arr_l[self._next] - now)
@@ -249,8 +266,16 @@ class Simulation:
             rid, row, self._arr_l[rid], self._in_tok_l[row], self._task_l[row], attempt
         )
 
+    def _observe(self, now: float) -> None:
+        """Bring lazily evaluated state up to `now` before the policy looks at anything."""
+        if self._fb_heap and self._fb_heap[0][0] <= now:
+            self._deliver_feedback(now)
+        self._expire_all(now)
+
     def _offer(self, rid: int, attempt: int, now: float) -> None:
         """Ask the policy and submit its decision's job(s)."""
+        if attempt:
+            self._observe(now)
         view = self.cluster.view
         view.now = now
         q = self._query(rid, attempt)
@@ -258,7 +283,7 @@ class Simulation:
         if attempt == 0:
             self._record_decision(rid, dec, view)
         if dec.extra:
-            self._topk[rid] = _TopK(1 + len(dec.extra), dec.keep, [])
+            self._topk[rid] = _TopK(1 + len(dec.extra), dec.keep, [], [])
             self._submit(rid, dec.llm, now, True)
             for name in dec.extra:
                 self._submit(rid, name, now, False)
@@ -287,15 +312,22 @@ class Simulation:
                 f"the cluster at t={now:.3f}s; choose one of: {present}",
                 field="decision.llm",
             )
+        first = primary and self._attempts[rid] == 0
         self._attempts[rid] += 1
-        job = Job(rid, d, now, now + self._patience_l[rid], primary)
-        if d.up_replicas == 0 or d.n_queued >= d.spec.max_queue or not d.take_rate_token(now):
+        # Patience is spent only while queued: a re-offered request keeps what is left.
+        left = self._patience_l[rid] - (0.0 if rid in self._topk else self._wait[rid])
+        job = Job(rid, d, now, now + max(0.0, left), primary)
+        job.first = first
+        if d.up_replicas == 0 or not d.take_rate_token(now):
             job.state = DONE
             self._job_ended(job, REJECTED, now)
             return
         r = d.free_replica() if d.n_queued == 0 else -1
         if r >= 0:
             self._start(job, r, now)
+        elif d.n_queued >= d.spec.max_queue:
+            job.state = DONE
+            self._job_ended(job, REJECTED, now)
         else:
             self._seq += 1
             self.cluster.enqueue(job, self._seq)
@@ -307,7 +339,7 @@ class Simulation:
         job.replica = r
         job.state = RUNNING
         job.start_s = now
-        self._wait[rid] += now - job.enq_s
+        self._add_wait(job, now - job.enq_s)
         row = self._rows_l[rid]
         out = float(self._out_tok[row, d.col])
         inp = self._in_tok_l[row]
@@ -323,10 +355,6 @@ class Simulation:
         job.service_s = svc
         job.ttft_s = ttft
         job.cost_usd = (inp * d.price_in + out * d.price_out) / 1e6
-        # Running estimate of service time for est_wait (EWMA over recent jobs).
-        d.mean_service_s += 0.02 * (svc - d.mean_service_s)
-        if d.vi >= 0:
-            self.cluster.view.mean_service_s[d.vi] = d.mean_service_s
         self.cluster.set_active(d, r, +1)  # also refreshes the view's derived entries
         d.running[r].add(job)
         ev = self.env.timeout(svc, value=(job, job.token))
@@ -334,7 +362,7 @@ class Simulation:
 
     def _override_service(self, job: Job) -> float:
         o = job.dep.spec.service
-        first = job.primary and self.rec.cols["attempts"][job.rid] == 1
+        first = job.first
         if o.kind == "deterministic":
             return o.mean_s
         if o.kind == "exponential":
@@ -354,6 +382,11 @@ class Simulation:
         r = job.replica
         job.state = DONE
         d.running[r].discard(job)
+        # Running estimate of service time for est_wait: an EWMA over completed jobs (a
+        # router learns a duration only once it has elapsed).
+        d.mean_service_s += 0.02 * (job.service_s - d.mean_service_s)
+        if d.vi >= 0:
+            self.cluster.view.mean_service_s[d.vi] = d.mean_service_s
         self.cluster.set_active(d, r, -1)
         self._done_count[d.idx] += 1
         self._dispatch(d, now)
@@ -372,7 +405,7 @@ class Simulation:
             self.cluster.leave_queue(job)
             if job.deadline <= now:
                 job.state = CANCELLED
-                self.rec.cols["wait_s"][job.rid] += job.deadline - job.enq_s
+                self._add_wait(job, job.deadline - job.enq_s)
                 self._job_ended(job, ABANDONED, job.deadline)
                 continue
             self._start(job, r, now)
@@ -385,7 +418,7 @@ class Simulation:
                 if job.state == QUEUED:
                     job.state = CANCELLED
                     self.cluster.leave_queue(job)
-                    self.rec.cols["wait_s"][job.rid] += deadline - job.enq_s
+                    self._add_wait(job, deadline - job.enq_s)
                     self._job_ended(job, ABANDONED, deadline)
 
     def _job_ended(self, job: Job, outcome: int, t: float) -> None:
@@ -398,36 +431,72 @@ class Simulation:
             job.service_s = float("nan")
         tk = self._topk.get(rid)
         if tk is not None:
-            if outcome == COMPLETED:
-                tk.results.append((float(self._quality[self._rows_l[rid], job.dep.col]), job))
-            tk.pending -= 1
-            if tk.pending == 0:
-                del self._topk[rid]
-                if tk.results:
-                    if tk.keep == "best_realised":
-                        qual, kept = max(tk.results, key=lambda p: p[0])
-                    else:
-                        prim = [p for p in tk.results if p[1].primary]
-                        qual, kept = prim[0] if prim else tk.results[0]
-                    self._finish(rid, COMPLETED, t, kept, qual, wait=kept.start_s - kept.enq_s)
-                else:
-                    self._finish(rid, outcome, t, job)
+            self._topk_job_ended(tk, job, outcome, t)
             return
         if outcome == COMPLETED:
             qual = float(self._quality[self._rows_l[rid], job.dep.col])
             if self._wants_answers:
                 nxt = self._ask_escalation(job, qual, t)
                 if nxt is not None:
+                    # Keep the answer in hand: if the escalation never completes, the user
+                    # still gets this one (it was paid for).
+                    self._answered[rid] = (qual, job)
                     self._submit(rid, nxt.llm, t, True)
                     return
+            self._answered.pop(rid, None)
             self._finish(rid, COMPLETED, t, job, qual)
         elif outcome == FAILED and cols["retries"][rid] < self.sc.run.max_retries:
+            cols["retries"][rid] += 1
+            self._offer(rid, int(cols["attempts"][rid]), t)
+        elif rid in self._answered:
+            qual, kept = self._answered.pop(rid)
+            self._finish(rid, COMPLETED, t, kept, qual)
+        else:
+            self._finish(rid, outcome, t, job)
+
+    def _topk_job_ended(self, tk: _TopK, job: Job, outcome: int, t: float) -> None:
+        """One copy of a fan-out request ended. With keep="primary" the request finishes
+        when the primary answer arrives (later copies only add cost); with "best_realised"
+        it waits for every copy."""
+        rid = job.rid
+        if outcome == COMPLETED:
+            tk.results.append((float(self._quality[self._rows_l[rid], job.dep.col]), job))
+            if job.primary and tk.keep != "best_realised" and not tk.finished:
+                tk.finished = True
+                self._finish(rid, COMPLETED, t, job, tk.results[-1][0],
+                             wait=job.start_s - job.enq_s)
+        elif outcome == FAILED:
+            tk.failed = True
+        tk.pending -= 1
+        if tk.pending or tk.finished:
+            if not tk.pending:
+                del self._topk[rid]
+            return
+        del self._topk[rid]
+        if tk.results:
+            if tk.keep == "best_realised":
+                qual, kept = max(tk.results, key=lambda p: p[0])
+            else:  # the primary failed or gave up: deliver the first other answer
+                qual, kept = tk.results[0]
+            self._finish(rid, COMPLETED, t, kept, qual, wait=kept.start_s - kept.enq_s)
+            return
+        self._wait[rid] = max(tk.waits, default=0.0)
+        cols = self.rec.cols
+        if tk.failed and cols["retries"][rid] < self.sc.run.max_retries:
             cols["retries"][rid] += 1
             self._offer(rid, int(cols["attempts"][rid]), t)
         else:
             self._finish(rid, outcome, t, job)
 
+    def _add_wait(self, job: Job, dt: float) -> None:
+        tk = self._topk.get(job.rid)
+        if tk is None:
+            self._wait[job.rid] += dt
+        else:
+            tk.waits.append(dt)
+
     def _ask_escalation(self, job: Job, qual: float, now: float) -> Decision | None:
+        self._observe(now)
         noise = self.sc.judge.noise
         score = qual + (noise * float(self.judge_rng.standard_normal()) if noise else 0.0)
         ans = Answer(job.dep.name, min(1.0, max(0.0, score)), job.cost_usd, now - job.enq_s)
@@ -482,7 +551,7 @@ class Simulation:
     def _on_event(self, ev) -> None:
         i, e = ev.value
         now = self.env.now
-        self._expire_all(now)
+        self._observe(now)
         act = e.action
         cl = self.cluster
         if act == "add_llm":
@@ -506,7 +575,7 @@ class Simulation:
             self.events.append(now, act, d.name, f"requeued={len(queued)}")
             for job in queued:
                 job.state = CANCELLED
-                self.rec.cols["wait_s"][job.rid] += now - job.enq_s
+                self._add_wait(job, now - job.enq_s)
                 if job.rid in self._topk:  # a fan-out copy is dropped, not re-offered
                     self._job_ended(job, REJECTED, now)
                 else:
@@ -514,19 +583,24 @@ class Simulation:
         elif act == "outage":
             o = e.outage
             d = cl.by_name[o.llm]
-            n_down = o.replicas or d.spec.replicas
-            downed = [r for r in range(d.spec.replicas) if d.up[r]][-n_down:]
+            n_down = min(o.replicas or d.spec.replicas, d.spec.replicas)
+            # Up replicas fail first; overlapping outages stack on already-down ones, and a
+            # replica is back only when every outage that hit it has ended.
+            order = sorted(range(d.spec.replicas), key=lambda r: (d.down[r], -r))
+            downed = order[:n_down]
             failed: list[Job] = []
             for r in downed:
-                d.up[r] = False
-                failed.extend(d.running[r])
-                d.running[r] = set()
-                cl.set_active(d, r, -d.active[r])
+                d.down[r] += 1
+                if d.up[r]:
+                    d.up[r] = False
+                    failed.extend(sorted(d.running[r], key=lambda j: j.rid))
+                    d.running[r] = set()
+                    cl.set_active(d, r, -d.active[r])
             cl.refresh_capacity(d)
-            self.events.append(now, act, d.name, f"replicas_down={len(downed)}")
+            self.events.append(now, act, d.name, f"replicas_down={d.spec.replicas - d.up_replicas}")
             back = self.env.timeout(o.duration_s, value=(d, downed))
             back.callbacks.append(self._on_recover)
-            for job in sorted(failed, key=lambda j: j.rid):
+            for job in failed:
                 job.state = DONE
                 job.token += 1
                 self._job_ended(job, FAILED, now)
@@ -542,10 +616,12 @@ class Simulation:
         elif act == "slowdown":
             s = e.slowdown
             d = cl.by_name[s.llm]
-            d.speed_factor = s.factor
-            self.events.append(now, act, d.name, f"factor={s.factor}")
+            # Overlapping slowdowns multiply; each one's end removes only its own factor.
+            d.slowdowns[i] = s.factor
+            d.speed_factor = math.prod(d.slowdowns.values())
+            self.events.append(now, act, d.name, f"factor={d.speed_factor:g}")
             if s.duration_s is not None:
-                back = self.env.timeout(s.duration_s, value=d)
+                back = self.env.timeout(s.duration_s, value=(d, i))
                 back.callbacks.append(self._on_slowdown_end)
         elif act == "mix_change":
             mix = ",".join(f"{k}:{v}" for k, v in e.mix_change.mix.items())
@@ -554,18 +630,20 @@ class Simulation:
     def _on_recover(self, ev) -> None:
         d, downed = ev.value
         now = self.env.now
+        self._observe(now)
         for r in downed:
-            d.up[r] = True
+            d.down[r] -= 1
+            d.up[r] = d.down[r] == 0
         self.cluster.refresh_capacity(d)
-        self.events.append(now, "recover", d.name, f"replicas_up={len(downed)}")
-        self._expire_all(now)
+        self.events.append(now, "recover", d.name, f"replicas_up={d.up_replicas}")
         if d.present:
             self._dispatch(d, now)
 
     def _on_slowdown_end(self, ev) -> None:
-        d = ev.value
-        d.speed_factor = 1.0
-        self.events.append(self.env.now, "slowdown_end", d.name, "factor=1.0")
+        d, i = ev.value
+        d.slowdowns.pop(i, None)
+        d.speed_factor = math.prod(d.slowdowns.values())
+        self.events.append(self.env.now, "slowdown_end", d.name, f"factor={d.speed_factor:g}")
 
     # -------------------------------------------------------------------------- results
     def _result(self, end_s: float) -> RunResult:

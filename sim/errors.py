@@ -14,12 +14,20 @@ class RouteSimError(Exception):
     def __init__(self, message: str, *, source: str | None = None, field: str | None = None):
         self.source = source
         self.field = field
+        self.message = message
         prefix = ""
         if source:
             prefix += f"{source}: "
         if field:
             prefix += f"{field}: "
         super().__init__(prefix + message)
+
+
+    def with_source(self, source: str) -> RouteSimError:
+        """The same error naming `source` (a file), unless it already names one."""
+        if self.source:
+            return self
+        return type(self)(self.message, source=source, field=self.field)
 
 
 class ScenarioError(RouteSimError):

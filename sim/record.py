@@ -128,8 +128,20 @@ def write_parquet(df: pl.DataFrame, path: str | Path) -> None:
     _atomic(Path(path), lambda p: df.write_parquet(p))
 
 
+def _finite(obj: Any) -> Any:
+    """NaN/inf become null: strict JSON readers (jq, JSON.parse) reject NaN literals."""
+    if isinstance(obj, float | np.floating):
+        return float(obj) if np.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def write_json(obj: Any, path: str | Path) -> None:
-    text = json.dumps(obj, indent=2, sort_keys=False, default=_json_default)
+    text = json.dumps(_finite(obj), indent=2, sort_keys=False, default=_json_default,
+                      allow_nan=False)
     _atomic(Path(path), lambda p: p.write_text(text + "\n", encoding="utf-8"))
 
 

@@ -60,11 +60,38 @@ def resolve_policies(
     return specs
 
 
+def check_models(scenario: Scenario) -> None:
+    """Every LLM (initial or added later) serves a model the synthetic catalog knows.
+
+    Real-data workloads are checked when the file is loaded (the file lists its models).
+    """
+    if scenario.workload.source != "synthetic":
+        return
+    from sim.catalog import known_models
+
+    known = set(known_models())
+    places = [(f"llms.{i}", x) for i, x in enumerate(scenario.llms)]
+    places += [(f"events.{i}.add_llm", e.add_llm) for i, e in enumerate(scenario.events)
+               if e.add_llm is not None]
+    for where, spec in places:
+        if spec.model_name not in known:
+            field = f"{where}.model" if spec.model else f"{where}.name"
+            raise RouteSimError(
+                f"{spec.model_name!r} is not a model of the synthetic workload; set `model` "
+                f"to one of: {', '.join(sorted(known))}",
+                field=field,
+            )
+
+
 def build_workload(scenario: Scenario, seed: int) -> Workload:
     from sim.workload import load_workload
 
     models = list(dict.fromkeys(s.model_name for s in scenario.all_llms()))
-    return load_workload(scenario.workload, models, subsystem_seed(seed, "workload"))
+    wl = load_workload(scenario.workload, models, subsystem_seed(seed, "workload"))
+    # Shared by every policy of a seed: read-only, so one policy cannot alter the next's.
+    for arr in (wl.features, wl.task, wl.input_tokens, wl.quality, wl.output_tokens, wl.split):
+        arr.flags.writeable = False
+    return wl
 
 
 @dataclass
@@ -107,6 +134,7 @@ def run(
     if not isinstance(scenario, Scenario):
         scenario = load_scenario(scenario)
     specs = resolve_policies(scenario, policies)
+    check_models(scenario)
     seed_list = (
         [scenario.seed + k for k in range(seeds)] if isinstance(seeds, int) else list(seeds)
     )
@@ -121,14 +149,16 @@ def run(
         inputs = prepare_inputs(scenario, workload, seed)
         for spec in specs:
             policy = reg.create(spec.name, spec.params)
+            upper_bound = bool(getattr(policy, "uses_ground_truth", False))
             label = spec.display
             cb = (lambda t, _l=label: on_progress(_l, t)) if on_progress else None
             sim = Simulation(scenario, policy, inputs, seed=seed, cache_dir=cache_dir,
                              progress=cb)
             res = sim.run()
+            del sim, policy  # free the policy's models before the frames are summarised
             summary = summarize(res.requests, res.timeline, scenario, label, seed)
             summary["policy_name"] = spec.name
-            summary["upper_bound"] = bool(getattr(policy, "uses_ground_truth", False))
+            summary["upper_bound"] = upper_bound
             summaries.append(summary)
             tag = {"scenario": scenario.name, "policy": label, "seed": seed}
             if out_dir is not None:

@@ -221,6 +221,12 @@ class PriceChange(Spec):
     price_in_per_mtok: NonNegFloat | None = None
     price_out_per_mtok: NonNegFloat | None = None
 
+    @model_validator(mode="after")
+    def _some_price(self) -> PriceChange:
+        if self.price_in_per_mtok is None and self.price_out_per_mtok is None:
+            raise ValueError("give price_in_per_mtok, price_out_per_mtok or both")
+        return self
+
 
 class Slowdown(Spec):
     """Multiply an LLM's service times by `factor` (e.g. a degraded GPU), optionally for a
@@ -359,11 +365,12 @@ class Scenario(Spec):
         for idx, e in sorted(enumerate(self.events), key=lambda p: p[1].at_s):
             where = f"events.{idx}"
             if e.add_llm is not None:
-                if e.add_llm.name in present:
+                if e.add_llm.name in ever:
                     raise _FieldError(
                         f"{where}.add_llm.name",
                         e.add_llm.name,
-                        "an added LLM must not already be in the cluster",
+                        "deployment names must be unique over the whole run (an added LLM "
+                        "may not reuse the name of a current or removed one)",
                     )
                 present.add(e.add_llm.name)
                 ever.add(e.add_llm.name)
@@ -381,6 +388,14 @@ class Scenario(Spec):
                     f"names no LLM in the cluster at t={e.at_s}s; choose one of: "
                     f"{', '.join(sorted(present)) or '(none)'}",
                 )
+            if e.outage is not None and e.outage.replicas is not None:
+                reps = next(x.replicas for x in self.all_llms() if x.name == e.outage.llm)
+                if e.outage.replicas > reps:
+                    raise _FieldError(
+                        f"{where}.outage.replicas",
+                        e.outage.replicas,
+                        f"{e.outage.llm!r} has only {reps} replica(s)",
+                    )
             if e.remove_llm is not None:
                 present.discard(e.remove_llm)
                 if not present:

@@ -184,8 +184,8 @@ class ClusterView:
       (queued plus busy beyond capacity, plus itself) times the mean service time, spread
       over the up capacity; inf when the deployment is down.
     - `load`: (busy + queued) / capacity, a tie-breaker when waits are all zero.
-    - `accepting`: up and queue not full (a request sent now would not be rejected, rate
-      limits aside).
+    - `accepting`: up and a free slot or room in the queue (a request sent now would not
+      be rejected, rate limits aside).
     """
 
     names: tuple[str, ...]
@@ -231,4 +231,4 @@ class ClusterView:
         else:
             self.est_wait_s[i] = np.inf
             self.load[i] = np.inf
-        self.accepting[i] = up and q < int(self.max_queue[i])
+        self.accepting[i] = up and (b < cap or q < int(self.max_queue[i]))

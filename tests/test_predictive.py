@@ -88,8 +88,9 @@ def test_price_change_and_unavailable_llms(wl):
     view.price_in_per_mtok[0] = view.price_out_per_mtok[0] = 1000.0  # `small` gets dear
     after = [pol.route(_query(wl, r), view).llm for r in rows]
     assert before.count("small") > 20 and after.count("small") == 0
-    view.queue_len[:] = view.max_queue  # nothing accepts ...
-    view.queue_len[1] = 0  # ... except `mid`
+    view.busy[:] = view.capacity  # every slot busy and every queue full: nothing accepts ...
+    view.queue_len[:] = view.max_queue
+    view.queue_len[1] = 0  # ... except `mid`, whose queue has room
     for i in range(len(llms)):
         view.refresh(i)
     assert {pol.route(_query(wl, r), view).llm for r in rows} == {"mid"}

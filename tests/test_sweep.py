@@ -1,0 +1,273 @@
+"""Sweeps: grid expansion, dotted-path errors, resume, failed cells, backends agree."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from sim.errors import RouteSimError
+from sim.runner import run
+from sim.scenario import parse_scenario
+from sim.sweep import (
+    CELLS_DIR,
+    DONE_FILE,
+    ERROR_FILE,
+    GridError,
+    cell_dir,
+    expand,
+    parse_grid,
+    run_sweep,
+)
+
+# A cell of this grid simulates ~2 minutes at a few requests/s: a fraction of a second.
+TINY = {
+    "name": "tiny",
+    "base": "load_spike",
+    "overrides": {
+        "duration_s": 120,
+        "warmup_s": 10,
+        "arrivals": {"kind": "poisson", "rate_per_s": 2.0},
+        "workload.n_queries": 200,
+        "run.drain_s": 30,
+    },
+}
+
+
+def grid(**extra):
+    return parse_grid({**TINY, **extra}, source="grid.yaml")
+
+
+def test_expansion_is_the_cross_product_in_a_fixed_order():
+    g = grid(
+        axes={"arrivals.rate_per_s": [1.0, 3.0], "llms.0.replicas": [1, 2]},
+        policies=["least_loaded", {"name": "cheapest", "axes": {"output_share": [0.3, 0.7]}}],
+        seeds=[5, 6],
+    )
+    cells = expand(g)
+    assert len(cells) == 2 * 2 * 3 * 2
+    assert len({c.cell_id for c in cells}) == len(cells)
+    assert [c.cell_id for c in expand(g)] == [c.cell_id for c in cells]  # stable ids
+    first = cells[0]
+    assert first.values == {"arrivals.rate_per_s": 1.0, "llms.0.replicas": 1}
+    assert (first.policy, first.seed) == ("least_loaded", 5)
+    assert cells[2].policy == "cheapest[output_share=0.3]"
+    assert cells[2].values["policy.output_share"] == 0.3
+    # The axis values reached the resolved scenario, and each cell has exactly one policy.
+    last = parse_scenario(cells[-1].scenario)
+    assert last.arrivals.rate_per_s == 3.0 and last.llms[0].replicas == 2
+    assert [p.display for p in last.policy_specs] == ["cheapest[output_share=0.7]"]
+    assert last.policy_specs[0].params == {"output_share": 0.7}
+
+
+def test_seed_count_counts_from_the_scenario_seed():
+    cells = expand(grid(overrides={**TINY["overrides"], "seed": 40}, seeds=3,
+                        policies=["random"]))
+    assert [c.seed for c in cells] == [40, 41, 42]
+
+
+def test_cell_id_depends_only_on_the_resolved_run():
+    a = expand(grid(axes={"llms.0.replicas": [1, 2]}, policies=["random"]))
+    b = expand(grid(axes={"llms.0.replicas": [2, 3]}, policies=["random"]))
+    assert a[1].cell_id == b[0].cell_id  # replicas=2 in both grids: same run, same id
+    assert a[0].cell_id != b[1].cell_id
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("llms.0.replica", ["llms.0.replica", "'replica'", "replicas", "slots"]),
+        ("arrivals.rate_per_ss", ["arrivals.rate_per_ss", "rate_per_s", "kind"]),
+        ("llms.70.replicas", ["llms.70.replicas", "valid indices: 0.."]),
+        ("slo.p95_wait_s.x", ["slo.p95_wait_s.x", "cannot go into 'slo.p95_wait_s'"]),
+        ("nosuch", ["'nosuch'", "duration_s", "arrivals", "llms"]),
+    ],
+)
+def test_bad_dotted_path_names_the_path_and_the_valid_keys(path, expected):
+    with pytest.raises(GridError) as info:
+        expand(grid(axes={path: [1]}, policies=["random"]))
+    msg = str(info.value)
+    assert msg.startswith(f"grid.yaml: axes.{path}:")
+    for part in expected:
+        assert part in msg
+
+
+def test_invalid_axis_value_names_the_cell_and_the_field():
+    with pytest.raises(GridError) as info:
+        expand(grid(axes={"llms.0.replicas": [1, 0]}, policies=["random"]))
+    msg = str(info.value)
+    assert "llms.0.replicas=0" in msg and "greater than or equal to 1" in msg
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ({"axis": {}}, ["axis", "allowed keys", "axes", "overrides"]),
+        ({"policies": [{"name": "threshold", "axis": {}}]}, ["policies.0.axis", "params"]),
+        ({"policies": ["nope"]}, ["policies.0", "unknown policy 'nope'", "least_loaded"]),
+        ({"policies": [{"name": "cheapest", "axes": {"share": [1]}}]},
+         ["policies.0.params.share", "output_share"]),
+        ({"axes": {"seed": [1, 2]}}, ["axes.seed", "`seeds`"]),
+        ({"axes": {"llms.0.slots": [4, 4]}}, ["axes.llms.0.slots", "twice"]),
+    ],
+)
+def test_grid_errors_say_what_is_allowed(extra, expected):
+    with pytest.raises(RouteSimError) as info:
+        expand(grid(**extra))
+    for part in expected:
+        assert part in str(info.value)
+
+
+def test_new_keys_are_allowed_in_free_form_mappings():
+    over = {**TINY["overrides"], "workload.mix": {"code": 1.0}}
+    cells = expand(grid(overrides=over, axes={"workload.mix.math": [1.0, 3.0]},
+                        policies=["random"]))
+    assert parse_scenario(cells[1].scenario).workload.mix == {"code": 1.0, "math": 3.0}
+
+
+def test_resume_skips_finished_cells(tmp_path):
+    g = grid(axes={"arrivals.rate_per_s": [1.0, 3.0]}, policies=["least_loaded", "cheapest"])
+    first = run_sweep(g, tmp_path, backend="inline")
+    assert (first.ran, first.skipped, first.failed) == (4, 0, 0)
+    done = {c.cell_id: (cell_dir(tmp_path, c.cell_id) / "summary.json").stat().st_mtime_ns
+            for c in first.cells}
+    again = run_sweep(g, tmp_path, backend="inline")
+    assert (again.ran, again.skipped) == (0, 4)
+    for cid, mtime in done.items():  # untouched: nothing was rerun
+        assert (cell_dir(tmp_path, cid) / "summary.json").stat().st_mtime_ns == mtime
+    # An interrupted cell (no done marker) is run again, and only that one.
+    victim = first.cells[2].cell_id
+    (cell_dir(tmp_path, victim) / DONE_FILE).unlink()
+    third = run_sweep(g, tmp_path, backend="inline")
+    assert (third.ran, third.skipped) == (1, 3)
+    assert third.frame.drop("elapsed_s").equals(first.frame.drop("elapsed_s"))
+    # Growing the grid runs only the new cells.
+    bigger = grid(axes={"arrivals.rate_per_s": [1.0, 3.0, 5.0]},
+                  policies=["least_loaded", "cheapest"])
+    fourth = run_sweep(bigger, tmp_path, backend="inline")
+    assert (fourth.ran, fourth.skipped) == (2, 4)
+
+
+def test_failed_cell_is_recorded_and_others_finish(tmp_path):
+    missing = tmp_path / "no_such_trace.csv"
+    g = grid(axes={"arrivals": [{"kind": "poisson", "rate_per_s": 2.0},
+                                {"kind": "trace", "path": str(missing)}]},
+             policies=["least_loaded", "cheapest"])
+    res = run_sweep(g, tmp_path / "out", backend="inline")
+    assert (res.ran, res.failed) == (4, 2)
+    df = res.frame
+    assert df["status"].to_list() == ["ok", "ok", "failed", "failed"]
+    bad = df.filter(pl.col("status") == "failed")
+    assert bad["error"].str.contains("trace file not found").all()
+    assert bad["quality_pct_of_reference"].is_null().all()
+    for cid in bad["cell_id"]:
+        d = tmp_path / "out" / CELLS_DIR / cid
+        err = json.loads((d / ERROR_FILE).read_text())
+        assert err["type"] == "DataError"
+        assert "Traceback (most recent call last)" in err["traceback"]
+        assert not (d / DONE_FILE).exists()
+    assert df.filter(pl.col("status") == "ok")["arrived"].min() > 0
+    # The axis of dicts is stored as JSON text, one dtype per column.
+    assert df["arrivals"].dtype == pl.String
+    # A rerun tries the failed cells again (and only those).
+    again = run_sweep(g, tmp_path / "out", backend="inline")
+    assert (again.ran, again.skipped, again.failed) == (2, 2, 2)
+
+
+def _comparable(df: pl.DataFrame) -> pl.DataFrame:
+    return df.drop("elapsed_s").sort("index")
+
+
+def test_local_pool_matches_a_sequential_run(tmp_path):
+    g = grid(axes={"arrivals.rate_per_s": [1.0, 3.0]}, policies=["least_loaded", "random"],
+             seeds=[1, 2])
+    res = run_sweep(g, tmp_path / "local", backend="local", workers=2)
+    assert (res.ran, res.failed) == (8, 0)
+    inline = run_sweep(g, tmp_path / "inline", backend="inline")
+    assert _comparable(res.frame).equals(_comparable(inline.frame))
+    # ... and each cell equals a plain sequential `sim.runner.run` of its scenario and seed.
+    for cell in res.cells[:3]:
+        direct = run(parse_scenario(cell.scenario), None, [cell.seed])
+        stored = json.loads((cell_dir(res.out, cell.cell_id) / "summary.json").read_text())
+        assert stored == json.loads(json.dumps(direct.summaries[0]))
+        req = pl.read_parquet(cell_dir(res.out, cell.cell_id) / "requests.parquet")
+        assert req.equals(direct.requests.drop("scenario", "policy", "seed"))
+
+
+def test_sweep_report_is_offline_html(tmp_path):
+    from reports.sweep_report import write_sweep_report
+
+    g = grid(axes={"arrivals.rate_per_s": [1.0, 3.0], "llms.0.replicas": [1, 2]},
+             policies=["least_loaded", "cheapest"])
+    run_sweep(g, tmp_path, backend="inline")
+    path = write_sweep_report(tmp_path)
+    text = Path(path).read_text()
+    assert "quality, % of reference along arrivals.rate_per_s" in text
+    assert "llms.0.replicas x arrivals.rate_per_s" in text  # a heatmap of the axis pair
+    assert 'src="https://' not in text  # plotly.js is inline
+    assert text.count("<div class='fig'>") == 6 * (2 + 1)  # per metric: 2 lines, 1 heatmap
+
+
+def test_cli_sweep_runs_resumes_and_rejects_bad_grids(tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from sim.cli import app
+
+    gfile = tmp_path / "g.yaml"
+    gfile.write_text(yaml.safe_dump({**TINY, "axes": {"arrivals.rate_per_s": [1.0, 2.0]},
+                                     "policies": ["least_loaded"]}))
+    out = tmp_path / "out"
+    cli = CliRunner()
+    r = cli.invoke(app, ["sweep", str(gfile), "--backend", "inline", "--out", str(out),
+                         "--no-report"])
+    assert r.exit_code == 0, r.output
+    assert pl.read_parquet(out / "sweep.parquet")["status"].to_list() == ["ok", "ok"]
+    r = cli.invoke(app, ["sweep", str(gfile), "--backend", "inline", "--out", str(out),
+                         "--no-report"])
+    assert r.exit_code == 0 and "2 skipped" in r.output
+    gfile.write_text(yaml.safe_dump({**TINY, "axes": {"llms.0.replica": [1]}}))
+    r = cli.invoke(app, ["sweep", str(gfile), "--out", str(tmp_path / "bad")])
+    assert r.exit_code == 2
+    assert "llms.0.replica" in r.output and "replicas" in r.output
+    assert not (tmp_path / "bad").exists()
+
+
+def test_sweep_command_writes_the_report_when_reports_are_registered(tmp_path, monkeypatch):
+    import typer
+    import yaml
+    from typer.testing import CliRunner
+
+    import sim.sweep
+    from reports import sweep_report
+
+    monkeypatch.setattr(sim.sweep, "AFTER_SWEEP_HOOKS", [])
+    app = typer.Typer()
+    sim.sweep.register(app)
+    sweep_report.register(app)
+    gfile = tmp_path / "g.yaml"
+    gfile.write_text(yaml.safe_dump({**TINY, "axes": {"arrivals.rate_per_s": [1.0, 2.0]},
+                                     "policies": ["least_loaded"]}))
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, ["sweep", str(gfile), "--backend", "inline", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert (out / "sweep_report.html").is_file()
+    (out / "sweep_report.html").unlink()
+    r = CliRunner().invoke(app, ["sweep-report", str(out)])
+    assert r.exit_code == 0 and (out / "sweep_report.html").is_file()
+
+
+@pytest.mark.slow
+def test_ray_backend_matches_local(tmp_path):
+    pytest.importorskip("ray")
+    g = grid(axes={"arrivals.rate_per_s": [1.0, 3.0]}, policies=["least_loaded", "random"])
+    ray_res = run_sweep(g, tmp_path / "ray", backend="ray", workers=2)
+    assert (ray_res.ran, ray_res.failed) == (4, 0)
+    local = run_sweep(g, tmp_path / "local", backend="inline")
+    assert _comparable(ray_res.frame).equals(_comparable(local.frame))
+    for cell in ray_res.cells:  # the driver wrote the same files the workers would have
+        a = pl.read_parquet(cell_dir(ray_res.out, cell.cell_id) / "requests.parquet")
+        b = pl.read_parquet(cell_dir(local.out, cell.cell_id) / "requests.parquet")
+        assert a.equals(b)
