@@ -120,15 +120,7 @@ class OptLLMRouter(LearnedRouter):
             self._fit_column(llm.model_col)
 
     def _validation_point(self, value: float, truth: ValidationTruth) -> tuple[float, float]:
-        llms = self.ctx.llms
-        rows = self.split.valid_rows
-        cols = np.array([x.model_col for x in llms])
-        c_hat = request_cost_usd(
-            self.ctx.input_tokens[rows][:, None],
-            self.tok_hat[rows][:, cols],
-            np.array([x.price_in_per_mtok for x in llms]),
-            np.array([x.price_out_per_mtok for x in llms]),
-        )
+        rows, cols, c_hat = self._validation_costs()
         r = self.robust[rows][:, cols]
         clears = r >= value
         cheapest = np.argmin(np.where(clears, c_hat, np.inf), axis=1)

@@ -390,6 +390,19 @@ class LearnedRouter(BasePolicy):
             value = self._choose_default_tradeoff()
         self.set_tradeoff(float(value))
 
+    def _validation_costs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(validation rows, model columns of ctx.llms, predicted cost per row and LLM)."""
+        llms = self.ctx.llms
+        rows = self.split.valid_rows
+        cols = np.array([x.model_col for x in llms])
+        c_hat = request_cost_usd(
+            self.ctx.input_tokens[rows][:, None],
+            self.tok_hat[rows][:, cols],
+            np.array([x.price_in_per_mtok for x in llms]),
+            np.array([x.price_out_per_mtok for x in llms]),
+        )
+        return rows, cols, c_hat
+
     def set_tradeoff(self, value: float) -> None:
         """Put the knob at `value` (the frontier sweep calls this instead of refitting)."""
         from pydantic import ValidationError

@@ -73,14 +73,20 @@ def diurnal_times(spec: DiurnalArrivals, duration_s: float, rng: np.random.Gener
     return cand[keep]
 
 
-def mmpp_times(spec: MMPPArrivals, duration_s: float, rng: np.random.Generator) -> np.ndarray:
-    """Markov-modulated Poisson: exponential sojourns, Poisson arrivals within each."""
+def _jump_matrix(spec: MMPPArrivals) -> np.ndarray:
+    """Row-stochastic state-jump probabilities: the given rows normalised, or uniform over
+    the other states."""
     k = len(spec.states)
     if spec.transition is not None:
         trans = np.asarray(spec.transition, dtype=float)
-        trans = trans / trans.sum(axis=1, keepdims=True)
-    else:
-        trans = (np.ones((k, k)) - np.eye(k)) / (k - 1)
+        return trans / trans.sum(axis=1, keepdims=True)
+    return (np.ones((k, k)) - np.eye(k)) / (k - 1)
+
+
+def mmpp_times(spec: MMPPArrivals, duration_s: float, rng: np.random.Generator) -> np.ndarray:
+    """Markov-modulated Poisson: exponential sojourns, Poisson arrivals within each."""
+    k = len(spec.states)
+    trans = _jump_matrix(spec)
     parts = []
     t = 0.0
     state = spec.initial_state
@@ -95,12 +101,7 @@ def mmpp_times(spec: MMPPArrivals, duration_s: float, rng: np.random.Generator) 
 
 def mmpp_mean_rate(spec: MMPPArrivals) -> float:
     """Long-run rate: state rates weighted by the stationary time share of each state."""
-    k = len(spec.states)
-    if spec.transition is not None:
-        p = np.asarray(spec.transition, dtype=float)
-        p = p / p.sum(axis=1, keepdims=True)
-    else:
-        p = (np.ones((k, k)) - np.eye(k)) / (k - 1)
+    p = _jump_matrix(spec)
     # Stationary distribution of the embedded jump chain, then weight by mean sojourn.
     w, v = np.linalg.eig(p.T)
     pi = np.real(v[:, np.argmin(np.abs(w - 1.0))])
