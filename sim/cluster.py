@@ -85,6 +85,7 @@ class Deployment:
         "busy",
         "down",
         "slowdowns",
+        "n_up",
     )
 
     def __init__(self, spec: LLMSpec, idx: int, col: int, mean_service_s: float):
@@ -94,6 +95,7 @@ class Deployment:
         self.col = col  # workload model column
         self.up = [True] * spec.replicas
         self.down = [0] * spec.replicas  # outages in force per replica (they can overlap)
+        self.n_up = spec.replicas
         self.slowdowns: dict[int, float] = {}  # event index -> factor, while in force
         self.active = [0] * spec.replicas
         self.running: list[set[Job]] = [set() for _ in range(spec.replicas)]
@@ -113,7 +115,7 @@ class Deployment:
 
     @property
     def up_replicas(self) -> int:
-        return sum(self.up)
+        return self.n_up
 
     def free_replica(self) -> int:
         """The up replica with the fewest running sequences and a free slot, or -1."""
@@ -196,7 +198,7 @@ class Cluster:
         """The view's derived entries for d, from Python-side state (no numpy reads)."""
         v = self.view
         i = d.vi
-        ups = d.up_replicas
+        ups = d.n_up
         if ups:
             cap = ups * d.spec.slots
             ahead = d.n_queued + d.busy - cap + 1

@@ -178,13 +178,13 @@ class Simulation:
         # Python lists for the per-event scalar reads (numpy scalar indexing is ~5x slower).
         self._rows_l = inputs.rows.tolist()
         self._in_tok_l = self.wl.input_tokens.tolist()
-        self._wait = c["wait_s"]
-        self._attempts = c["attempts"]
+        # Per-request counters as Python lists (hot path); copied into the columns at the end.
+        self._wait = [0.0] * n
+        self._attempts = [0] * n
         self._arr_l = inputs.arrival_s.tolist()
         self._patience_l = inputs.users.patience_s.tolist()
         self._task_l = self.wl.task.tolist()
         c["arrival_s"][:] = inputs.arrival_s
-        c["wait_s"][:] = 0.0
         c["row"][:] = inputs.rows
         c["task"][:] = self.wl.task[inputs.rows]
         c["input_tokens"][:] = self.wl.input_tokens[inputs.rows]
@@ -318,7 +318,7 @@ class Simulation:
         left = self._patience_l[rid] - (0.0 if rid in self._topk else self._wait[rid])
         job = Job(rid, d, now, now + max(0.0, left), primary)
         job.first = first
-        if d.up_replicas == 0 or not d.take_rate_token(now):
+        if d.n_up == 0 or not d.take_rate_token(now):
             job.state = DONE
             self._job_ended(job, REJECTED, now)
             return
@@ -447,7 +447,7 @@ class Simulation:
             self._finish(rid, COMPLETED, t, job, qual)
         elif outcome == FAILED and cols["retries"][rid] < self.sc.run.max_retries:
             cols["retries"][rid] += 1
-            self._offer(rid, int(cols["attempts"][rid]), t)
+            self._offer(rid, self._attempts[rid], t)
         elif rid in self._answered:
             qual, kept = self._answered.pop(rid)
             self._finish(rid, COMPLETED, t, kept, qual)
@@ -484,7 +484,7 @@ class Simulation:
         cols = self.rec.cols
         if tk.failed and cols["retries"][rid] < self.sc.run.max_retries:
             cols["retries"][rid] += 1
-            self._offer(rid, int(cols["attempts"][rid]), t)
+            self._offer(rid, self._attempts[rid], t)
         else:
             self._finish(rid, outcome, t, job)
 
@@ -502,7 +502,7 @@ class Simulation:
         ans = Answer(job.dep.name, min(1.0, max(0.0, score)), job.cost_usd, now - job.enq_s)
         view = self.cluster.view
         view.now = now
-        attempts = int(self.rec.cols["attempts"][job.rid])
+        attempts = self._attempts[job.rid]
         return self.policy.on_answer(self._query(job.rid, attempts), ans, view)
 
     def _finish(
@@ -522,7 +522,7 @@ class Simulation:
         arr = self._arr_l[rid]
         if outcome == COMPLETED:
             if wait is not None:
-                cols["wait_s"][rid] = wait
+                self._wait[rid] = wait
             cols["start_s"][rid] = job.start_s
             cols["service_s"][rid] = job.service_s
             cols["ttft_s"][rid] = job.start_s + job.ttft_s - arr
@@ -579,7 +579,7 @@ class Simulation:
                 if job.rid in self._topk:  # a fan-out copy is dropped, not re-offered
                     self._job_ended(job, REJECTED, now)
                 else:
-                    self._offer(job.rid, int(self.rec.cols["attempts"][job.rid]), now)
+                    self._offer(job.rid, self._attempts[job.rid], now)
         elif act == "outage":
             o = e.outage
             d = cl.by_name[o.llm]
@@ -593,11 +593,12 @@ class Simulation:
                 d.down[r] += 1
                 if d.up[r]:
                     d.up[r] = False
+                    d.n_up -= 1
                     failed.extend(sorted(d.running[r], key=lambda j: j.rid))
                     d.running[r] = set()
                     cl.set_active(d, r, -d.active[r])
             cl.refresh_capacity(d)
-            self.events.append(now, act, d.name, f"replicas_down={d.spec.replicas - d.up_replicas}")
+            self.events.append(now, act, d.name, f"replicas_down={d.spec.replicas - d.n_up}")
             back = self.env.timeout(o.duration_s, value=(d, downed))
             back.callbacks.append(self._on_recover)
             for job in failed:
@@ -634,6 +635,7 @@ class Simulation:
         for r in downed:
             d.down[r] -= 1
             d.up[r] = d.down[r] == 0
+        d.n_up = sum(d.up)
         self.cluster.refresh_capacity(d)
         self.events.append(now, "recover", d.name, f"replicas_up={d.up_replicas}")
         if d.present:
@@ -647,11 +649,13 @@ class Simulation:
 
     # -------------------------------------------------------------------------- results
     def _result(self, end_s: float) -> RunResult:
-        wait = self.rec.cols["wait_s"]
+        wait = self._wait
         for d in self.cluster.deployments:  # in flight while queued: count the wait so far
             for job in d.queue:
                 if job.state == QUEUED:
                     wait[job.rid] += end_s - job.enq_s
+        self.rec.cols["wait_s"][:] = wait
+        self.rec.cols["attempts"][:] = self._attempts
         requests = self.rec.frame()
         timeline = self.timeline.frame(
             {
