@@ -172,7 +172,11 @@ class Cluster:
             if not d.present:
                 d.vi = -1
         ps = self.present
-        self.view_codes = np.array([d.idx for d in ps], dtype=np.int64)
+        codes = [d.idx for d in ps]
+        self.view_codes: np.ndarray | slice = (
+            slice(0, len(codes)) if codes == list(range(len(codes)))
+            else np.array(codes, dtype=np.int64)
+        )
         self.view = ClusterView(
             names=tuple(d.name for d in ps),
             models=tuple(d.spec.model_name for d in ps),

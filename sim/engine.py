@@ -181,6 +181,7 @@ class Simulation:
         # Per-request counters as Python lists (hot path); copied into the columns at the end.
         self._wait = [0.0] * n
         self._attempts = [0] * n
+        self._score = c["score"]
         self._arr_l = inputs.arrival_s.tolist()
         self._patience_l = inputs.users.patience_s.tolist()
         self._task_l = self.wl.task.tolist()
@@ -294,14 +295,23 @@ class Simulation:
         if dec.scores is None and not dec.terms:
             return
         cand = self.cluster.view_codes
+        mats = self.rec.terms
         if dec.scores is not None:
-            self.rec.decision_terms(rid, cand, "score", dec.scores)
+            mat = mats.get("score")
+            if mat is None:
+                self.rec.decision_terms(rid, cand, "score", dec.scores)
+            else:
+                mat[rid, cand] = dec.scores
             vi = view._index.get(dec.llm)
             if vi is not None:
-                self.rec.cols["score"][rid] = dec.scores[vi]
+                self._score[rid] = dec.scores[vi]
         if dec.terms:
             for term, vals in dec.terms.items():
-                self.rec.decision_terms(rid, cand, term, vals)
+                mat = mats.get(term)
+                if mat is None:  # first use allocates the column block
+                    self.rec.decision_terms(rid, cand, term, vals)
+                else:
+                    mat[rid, cand] = vals
 
     def _submit(self, rid: int, name: str, now: float, primary: bool) -> None:
         d = self.cluster.by_name.get(name)

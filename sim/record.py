@@ -60,7 +60,10 @@ class RequestRecorder:
         # term name -> (n, n_llms) float32, allocated on first use (NaN where not a candidate)
         self.terms: dict[str, np.ndarray] = {}
 
-    def decision_terms(self, rid: int, cand_idx: np.ndarray, term: str, values: np.ndarray):
+    def decision_terms(self, rid: int, cand_idx: np.ndarray | slice, term: str, values):
+        """Record one decision's per-candidate values of `term`. `cand_idx` maps candidates
+        to LLM columns; a slice when they are the leading columns in order (the usual case,
+        and a much cheaper write than fancy indexing)."""
         mat = self.terms.get(term)
         if mat is None:
             mat = np.full((self.n, len(self.llm_names)), np.nan, dtype=np.float32)

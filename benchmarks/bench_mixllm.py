@@ -1,0 +1,281 @@
+"""MixLLM on RouterBench and under load: frontier, online learning, ablations.
+
+Prints three tables (each part can be run alone with --part):
+
+(a) frontier: uncongested, fitted on the train+validation rows, evaluated on the test split
+    (reports.frontier, the same route path as the simulator): every single LLM, random,
+    the oracle, the learned baselines (default: the plain kNN router) and MixLLM as its
+    lambda varies; AIQ (RouterBench's area under the frontier); the hull quality of MixLLM
+    and kNN at cost levels 5%..50% of gpt-4's cost; MixLLM's shipped default point.
+(b) online: predictors fitted on 30% of the train+validation rows; the other 70% arrive as
+    a stream with binary feedback on every answer (online learning on) or without learning
+    (offline-only); both are then scored on the test split (no more feedback), at the
+    default lambda, over several random 30% subsets (paired: the same subset and stream).
+(c) ablation: the defaults, then one part switched at a time (uncertainty off, penalty off,
+    online learning on: it is off by default), tags
+    on (when the tag-enhanced encoder can run, --tags), everything off, and the penalty on/off
+    at a quality-hungry lambda (which congests gpt-4 in the spike). Columns: quality
+    % and cost % of gpt-4 on the RouterBench test split (uncongested, feedback on 30% of
+    answers as in scenarios/routerbench_steady.yaml), and quality %, cost %, p95 wait and
+    rejected + abandoned requests in the load-spike scenario (synthetic workload, engine).
+
+Data: the shared RouterBench CSV, located relative to the repository (or $ROUTESIM_SHARED_DATA,
+or --data). Prompt embeddings come from the workload loader (cached on disk after the first
+run, which takes minutes on CPU).
+
+    python benchmarks/bench_mixllm.py [--part all|frontier|online|ablation] [--seeds 3]
+        [--data CSV] [--baselines knn,...] [--tags]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from policies import registry  # noqa: E402
+from sim.context import training_set  # noqa: E402
+from sim.offline import evaluate_offline  # noqa: E402
+from sim.routerbench import ROUTERBENCH_PRICES_PER_MTOK, load_routerbench_workload  # noqa: E402
+from sim.scenario import EncoderSpec, PolicySpec, WorkloadSpec, load_scenario  # noqa: E402
+from sim.types import SPLIT_TEST, LLMInfo, PolicyContext, TrainingSet, Workload  # noqa: E402
+
+REFERENCE = "gpt-4-1106-preview"
+CSV_NAME = "routerbench_arc_mbpp_winogrande.csv"
+COST_LEVELS = (5, 10, 15, 20, 25, 30, 35, 40, 45, 50)
+
+
+def data_path(arg: str | None) -> Path:
+    if arg:
+        return Path(arg)
+    root = os.environ.get("ROUTESIM_SHARED_DATA")
+    base = Path(root) if root else REPO.parent / "shared" / "data"
+    return base / "routerbench" / CSV_NAME
+
+
+def load(path: Path, encoder: str) -> tuple[Workload, list[LLMInfo], LLMInfo]:
+    spec = WorkloadSpec(source="routerbench", path=str(path), encoder=EncoderSpec(kind=encoder))
+    models = list(ROUTERBENCH_PRICES_PER_MTOK)
+    wl = load_routerbench_workload(spec, models, 0, progress=False)
+    llms = [
+        LLMInfo(m, m, wl.models.index(m), *ROUTERBENCH_PRICES_PER_MTOK[m]) for m in wl.models
+    ]
+    ref = next(x for x in llms if x.name == REFERENCE)
+    return wl, llms, ref
+
+
+def context(wl: Workload, llms, ref: LLMInfo, train: TrainingSet, seed: int) -> PolicyContext:
+    return PolicyContext(
+        llms=tuple(llms),
+        workload_models=wl.models,
+        features=wl.features,
+        task=wl.task,
+        task_names=wl.task_names,
+        input_tokens=wl.input_tokens,
+        train=train,
+        texts=wl.texts,
+        reference_llm=ref.name,
+        patience_mean_s=None,
+        rng=np.random.default_rng(seed),
+    )
+
+
+def short(name: str) -> str:
+    return name.split("/")[-1][:24]
+
+
+# ------------------------------------------------------------------------------ (a)
+def part_frontier(wl, llms, ref, baselines: list[str]) -> None:
+    from reports.frontier import frontier_table, hull_quality_at
+
+    t0 = time.perf_counter()
+    res = frontier_table(wl, llms, ref, [*baselines, "mixllm"])
+    pts = res.points
+    print(f"\n(a) frontier on the test split ({len(wl.rows(SPLIT_TEST))} queries), % of gpt-4 "
+          f"[{time.perf_counter() - t0:.0f} s]")
+    print(f"{'point':34s} {'quality %':>9s} {'cost %':>8s}")
+    for row in pts.iter_rows(named=True):
+        if row["kind"] in ("llm", "random", "oracle") and row["policy"] != "oracle_frontier":
+            print(f"{row['kind'] + ' ' + short(row['policy']):34s} "
+                  f"{row['quality_pct']:9.1f} {row['cost_pct']:8.1f}")
+    for name in (*baselines, "mixllm"):
+        sub = pts.filter(pts["policy"] == name)
+        for row in sub.iter_rows(named=True):
+            knob = "" if row["knob_value"] is None else f" {row['knob']}={row['knob_value']:g}"
+            mark = "  <- default" if row["is_default"] else ""
+            print(f"{name + knob:34s} {row['quality_pct']:9.1f} {row['cost_pct']:8.1f}{mark}")
+    print("\nAIQ (area under the non-decreasing hull over the table's cost range):")
+    for row in res.summary.iter_rows(named=True):
+        print(f"  {row['policy']:20s} {row['aiq']:7.2f}")
+    print("\nhull quality % at a cost level (mixllm vs baselines):")
+    header = "cost %   " + " ".join(f"{n:>9s}" for n in ("mixllm", *baselines))
+    print(header)
+    for level in COST_LEVELS:
+        vals = []
+        for name in ("mixllm", *baselines):
+            sub = pts.filter(pts["policy"] == name)
+            vals.append(hull_quality_at(sub["cost_pct"].to_numpy(), sub["quality_pct"].to_numpy(),
+                                        level))
+        print(f"{level:6d}   " + " ".join(f"{v:9.1f}" for v in vals))
+    d = pts.filter((pts["policy"] == "mixllm") & pts["is_default"]).row(0, named=True)
+    ok = d["quality_pct"] >= 97.0 and d["cost_pct"] <= 25.0
+    print(f"\nmixllm default (lambda_={d['knob_value']:g}): {d['quality_pct']:.1f}% quality at "
+          f"{d['cost_pct']:.1f}% cost; target >= 97% at <= 25%: {'met' if ok else 'NOT met'}")
+
+
+# ------------------------------------------------------------------------------ (b)
+LAMBDA_SWEEP = (3.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 12.0, 15.0, 20.0, 30.0, 60.0)
+
+
+def test_frontier(pol, wl, llms, ref, rows) -> tuple[np.ndarray, np.ndarray]:
+    """(cost %, quality %) on `rows` at each lambda of LAMBDA_SWEEP, keeping what `pol`
+    learned (each point from a copy, scored without feedback)."""
+    import copy
+
+    pts = []
+    for lam in LAMBDA_SWEEP:
+        p = copy.deepcopy(pol)
+        p.set_tradeoff(lam, reset=False)
+        r = evaluate_offline(p, wl, llms, rows, reference=ref)
+        pts.append((r.cost_pct, r.quality_pct))
+    c, q = np.array(pts).T
+    return c, q
+
+
+def part_online(wl, llms, ref, seeds: int) -> None:
+    from policies.quality_model import hull_mean_quality
+    from reports.frontier import hull_quality_at
+
+    full = training_set(wl)
+    test = wl.rows(SPLIT_TEST)
+    print("\n(b) online learning: fit on 30% of train+validation, binary feedback on every "
+          "answer of the other 70% (stream), then scored on the test split without feedback")
+    print(f"{'seed':>4s} {'offline q/c %':>14s} {'online q/c %':>13s} {'offline q at':>12s} "
+          f"{'AIQ5-50 off':>11s} {'AIQ5-50 on':>10s} {'stream q off/on':>16s}")
+    print(f"{'':4s} {'(default lambda)':>28s} {'online cost':>12s}")
+    rows = []
+    for seed in range(seeds):
+        rng = np.random.default_rng(1000 + seed)
+        perm = rng.permutation(len(full.rows))
+        k = int(round(0.3 * len(perm)))
+        keep = np.sort(perm[:k])
+        stream = full.rows[perm[k:]]  # arrival order: random
+        sub = TrainingSet(
+            rows=full.rows[keep],
+            models=full.models,
+            quality=full.quality[keep],
+            output_tokens=full.output_tokens[keep],
+            valid_mask=np.zeros(k, dtype=bool),
+        )
+        out = {}
+        for online in (False, True):
+            pol = registry.create("mixllm", {"online": online})
+            pol.setup(context(wl, llms, ref, sub, seed))
+            s = evaluate_offline(pol, wl, llms, stream, reference=ref,
+                                 feedback_probability=1.0, seed=seed)
+            c, q = test_frontier(pol, wl, llms, ref, test)
+            t = evaluate_offline(pol, wl, llms, test, reference=ref, seed=seed)
+            out[online] = (t.quality_pct, t.cost_pct, s.quality_pct, c, q)
+        off, on = out[False], out[True]
+        matched = hull_quality_at(off[3], off[4], on[1])
+        aiq_off = hull_mean_quality(off[3], off[4], 5.0, 50.0)
+        aiq_on = hull_mean_quality(on[3], on[4], 5.0, 50.0)
+        rows.append((on[0] - off[0], on[1] - off[1], on[0] - matched, aiq_on - aiq_off))
+        print(f"{seed:4d} {off[0]:6.2f}/{off[1]:6.2f} {on[0]:6.2f}/{on[1]:6.2f} {matched:12.2f} "
+              f"{aiq_off:11.2f} {aiq_on:10.2f} {off[2]:8.2f}/{on[2]:6.2f}")
+    d = np.array(rows)
+    se = d.std(axis=0, ddof=1) / np.sqrt(len(d)) if len(d) > 1 else np.full(4, np.nan)
+    print(f"mean online - offline (se): at the default lambda quality {d[:, 0].mean():+.2f} "
+          f"({se[0]:.2f}), cost {d[:, 1].mean():+.2f} ({se[1]:.2f}) points; against the "
+          f"offline frontier at the same cost {d[:, 2].mean():+.2f} ({se[2]:.2f}); "
+          f"AIQ 5-50% {d[:, 3].mean():+.2f} ({se[3]:.2f}). Paper: +1.31% with binary feedback.")
+
+
+# ------------------------------------------------------------------------------ (c)
+ABLATIONS: list[tuple[str, dict]] = [
+    ("defaults", {}),
+    ("uncertainty off", {"uncertainty": False}),
+    ("penalty off (beta=0)", {"penalty": False}),
+    ("online on", {"online": True}),
+    ("all off (predictors only)", {"uncertainty": False, "penalty": False, "online": False}),
+    # A quality-hungry trade-off loads gpt-4, the slowest and scarcest deployment, during
+    # the spike: where the latency penalty has queues to avoid.
+    ("lambda_=30", {"lambda_": 30.0}),
+    ("lambda_=30, penalty off", {"lambda_": 30.0, "penalty": False}),
+]
+
+
+def tags_available() -> bool:
+    try:
+        import torch  # noqa: F401
+
+        import policies.mixllm.encoder  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def part_ablation(wl, llms, ref, with_tags: bool) -> None:
+    from sim.runner import run as run_scenario
+
+    variants = list(ABLATIONS)
+    if with_tags:
+        if tags_available():
+            variants.insert(1, ("tags on", {"tags": True}))
+        else:
+            print("(tags on skipped: the tag-enhanced encoder needs torch and transformers)")
+    spike = load_scenario("load_spike")
+    print("\n(c) ablation. RouterBench test split, uncongested (feedback on 30% of answers) | "
+          "load_spike scenario (synthetic workload, seed 7)")
+    print(f"{'variant':28s} {'rb q %':>7s} {'rb c %':>7s} | {'q %':>6s} {'c %':>6s} "
+          f"{'p95 wait s':>10s} {'rejected':>8s} {'abandoned':>9s}")
+    full = training_set(wl)
+    test = wl.rows(SPLIT_TEST)
+    for label, params in variants:
+        pol = registry.create("mixllm", params)
+        pol.setup(context(wl, llms, ref, full, 0))
+        rb = evaluate_offline(pol, wl, llms, test, reference=ref, feedback_probability=0.3,
+                              feedback_noise=0.05, seed=0)
+        spike_params = {k: v for k, v in params.items() if k != "tags"}  # no texts there
+        res = run_scenario(spike, [PolicySpec(name="mixllm", params=spike_params, label=label)],
+                           seeds=1, keep_requests=False)
+        s = res.summaries[0]
+        print(f"{label:28s} {rb.quality_pct:7.1f} {rb.cost_pct:7.1f} | "
+              f"{s['quality_pct_of_reference']:6.1f} {s['cost_pct_of_reference']:6.1f} "
+              f"{s['p95_wait_s']:10.2f} {s['rejected']:8d} {s['abandoned']:9d}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--part", default="all", choices=["all", "frontier", "online", "ablation"])
+    ap.add_argument("--data", default=None, help="RouterBench-format CSV")
+    ap.add_argument("--encoder", default="transformer", choices=["transformer", "hashing"])
+    ap.add_argument("--seeds", type=int, default=3, help="random 30%% subsets in (b)")
+    ap.add_argument("--baselines", default="knn", help="comma-separated learned routers")
+    ap.add_argument("--tags", action="store_true", help="add 'tags on' to the ablation")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.ERROR)
+    path = data_path(args.data)
+    if not path.is_file():
+        sys.exit(f"no RouterBench data at {path}; pass --data CSV or set ROUTESIM_SHARED_DATA")
+    wl, llms, ref = load(path, args.encoder)
+    baselines = [b for b in args.baselines.split(",") if b]
+    if args.part in ("all", "frontier"):
+        part_frontier(wl, llms, ref, baselines)
+    if args.part in ("all", "online"):
+        part_online(wl, llms, ref, args.seeds)
+    if args.part in ("all", "ablation"):
+        part_ablation(wl, llms, ref, args.tags)
+
+
+if __name__ == "__main__":
+    main()

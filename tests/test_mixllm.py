@@ -1,0 +1,360 @@
+"""MixLLM policy: the documented score, LinUCB algebra, latency penalty, LLM changes, params.
+
+Every workload here is synthetic and built in this file; each test runs in well under a
+second (kNN predictors on a few hundred rows).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from policies import registry
+from policies.mixllm.decision import (
+    LinUCBBank,
+    cost_weight,
+    latency_penalty,
+    quality_weight,
+    sherman_morrison_update,
+    woodbury_update,
+)
+from policies.mixllm.policy import MixLLMPolicy
+from sim.context import training_set
+from sim.errors import PolicyError
+from sim.offline import evaluate_offline, idle_view
+from sim.types import (
+    SPLIT_TEST,
+    SPLIT_TRAIN,
+    SPLIT_VALID,
+    ClusterView,
+    Decision,
+    LLMInfo,
+    PolicyContext,
+    Query,
+    Workload,
+)
+
+MODELS = ("cheap", "mid", "dear")
+PRICES = {"cheap": (0.2, 0.2), "mid": (1.0, 2.0), "dear": (10.0, 30.0)}
+
+
+def make_workload(n: int = 600, seed: int = 0, *, p=None, p_test=None) -> Workload:
+    """Three models; `cheap` is right where x0 > 0, `mid` where x1 > 0, `dear` mostly.
+
+    `p` (n, 3) success probabilities override the default; `p_test` replaces them on the
+    test rows only (a shift between the training data and live traffic)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 4))
+    if p is None:
+        p = np.column_stack(
+            [np.where(x[:, 0] > 0, 0.9, 0.1), np.where(x[:, 1] > 0, 0.85, 0.3), np.full(n, 0.9)]
+        )
+    u = rng.random(n)
+    split = np.where(u < 0.5, SPLIT_TRAIN, np.where(u < 0.6, SPLIT_VALID, SPLIT_TEST))
+    if p_test is not None:
+        p = np.where((split == SPLIT_TEST)[:, None], p_test, p)
+    quality = (rng.random(p.shape) < p).astype(np.float32)
+    return Workload(
+        name="mixllm-synthetic",
+        models=MODELS[: p.shape[1]],
+        features=(x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32),
+        task=(x[:, 3] > 0).astype(np.int16),
+        task_names=("t0", "t1"),
+        input_tokens=rng.integers(100, 400, n).astype(np.int32),
+        quality=quality,
+        output_tokens=np.full((n, p.shape[1]), 60.0, dtype=np.float32),
+        split=split.astype(np.int8),
+    )
+
+
+def infos(wl: Workload, names=None, prices=PRICES) -> list[LLMInfo]:
+    names = names or wl.models
+    return [LLMInfo(m, m, wl.models.index(m), *prices[m]) for m in names]
+
+
+def context(wl: Workload, llms, seed: int = 0) -> PolicyContext:
+    return PolicyContext(
+        llms=tuple(llms),
+        workload_models=wl.models,
+        features=wl.features,
+        task=wl.task,
+        task_names=wl.task_names,
+        input_tokens=wl.input_tokens,
+        train=training_set(wl),
+        texts=wl.texts,
+        reference_llm=llms[-1].name,
+        patience_mean_s=None,
+        rng=np.random.default_rng(seed),
+    )
+
+
+def make_policy(wl, llms, seed: int = 0, **params) -> MixLLMPolicy:
+    pol = registry.create("mixllm", params)
+    pol.setup(context(wl, llms, seed))
+    return pol
+
+
+def query(wl: Workload, i: int, row: int) -> Query:
+    return Query(i, row, float(i), int(wl.input_tokens[row]), int(wl.task[row]))
+
+
+def recompute_score(dec: Decision, lam: float) -> np.ndarray:
+    t = dec.terms
+    return (
+        quality_weight(lam) * t["quality"] - cost_weight(lam) * t["cost"]
+        + t["uncertainty"] - t["penalty"]
+    )
+
+
+# ----------------------------------------------------------------------------- decisions
+def test_decision_is_argmax_of_documented_score():
+    wl = make_workload()
+    llms = infos(wl)
+    lam = 3.0
+    pol = make_policy(wl, llms, lambda_=lam, alpha=0.2)
+    view = idle_view(llms)
+    view.est_wait_s[:] = [0.0, 12.0, 40.0]  # penalty differs per candidate
+    for i, row in enumerate(wl.rows(SPLIT_TEST)[:200]):
+        dec = pol.route(query(wl, i, int(row)), view)
+        assert set(dec.terms) == {"quality", "cost", "uncertainty", "penalty"}
+        for arr in (*dec.terms.values(), dec.scores):
+            assert arr.shape == (len(llms),)
+        expected = recompute_score(dec, lam)
+        np.testing.assert_allclose(dec.scores, expected, rtol=1e-12, atol=1e-12)
+        assert dec.llm == view.names[int(np.argmax(expected))]
+    pen = latency_penalty(view.est_wait_s, beta=0.1, gamma=0.1, xi=0.8, tau_s=30.0)
+    np.testing.assert_allclose(dec.terms["penalty"], pen)
+
+
+def test_only_accepting_llms_are_chosen():
+    wl = make_workload()
+    llms = infos(wl)
+    pol = make_policy(wl, llms)
+    view = idle_view(llms)
+    view.accepting[:] = [False, True, False]
+    for i, row in enumerate(wl.rows(SPLIT_TEST)[:50]):
+        assert pol.route(query(wl, i, int(row)), view).llm == "mid"
+
+
+def test_lambda_trades_quality_for_cost():
+    wl = make_workload(1000)
+    llms = infos(wl)
+    rows = wl.rows(SPLIT_TEST)
+    pol = make_policy(wl, llms, online=False, uncertainty=False)
+    points = []
+    for lam in (0.05, 1.0, 100.0):
+        pol.set_tradeoff(lam)
+        res = evaluate_offline(pol, wl, llms, rows, reference=llms[-1])
+        points.append((res.cost_pct, res.quality_pct))
+    costs, quals = zip(*points, strict=True)
+    assert costs[0] < costs[1] < costs[2]
+    assert quals[0] < quals[2]
+    # A small lambda is "cheapest wins"; a large one buys quality (dear is the best overall).
+    assert costs[0] < 5.0
+    assert quals[2] > 90.0
+
+
+def test_top_k_sends_the_next_best_and_documents_keep():
+    wl = make_workload()
+    llms = infos(wl)
+    pol = make_policy(wl, llms, top_k=2, keep="best_realised")
+    view = idle_view(llms)
+    dec = pol.route(query(wl, 0, int(wl.rows(SPLIT_TEST)[0])), view)
+    order = np.argsort(-dec.scores, kind="stable")
+    assert dec.llm == view.names[order[0]]
+    assert dec.extra == (view.names[order[1]],)
+    assert dec.keep == "best_realised"
+    res = evaluate_offline(pol, wl, llms, wl.rows(SPLIT_TEST), reference=llms[-1])
+    assert np.all(res.attempts == 2)  # cost is the sum of both answers
+
+
+# ------------------------------------------------------------------------------- LinUCB
+def test_sherman_morrison_and_woodbury_equal_direct_inverse():
+    rng = np.random.default_rng(3)
+    d = 9
+    xs = rng.normal(size=(40, d))
+    direct = np.linalg.inv(np.eye(d) + xs.T @ xs)
+    one_by_one = np.eye(d)
+    for x in xs:
+        sherman_morrison_update(one_by_one, x)
+    np.testing.assert_allclose(one_by_one, direct, rtol=1e-9, atol=1e-12)
+    batched = np.eye(d)
+    woodbury_update(batched, xs[:25])
+    woodbury_update(batched, xs[25:])
+    np.testing.assert_allclose(batched, direct, rtol=1e-9, atol=1e-12)
+    bank = LinUCBBank(d, capacity=1)
+    s0, s1 = bank.add_slot(), bank.add_slot(prior_scale=4.0)  # grows past capacity
+    for x in xs:
+        bank.observe(s0, x)
+    bank.observe(s1, xs[0])
+    bank.flush()
+    np.testing.assert_allclose(bank.ainv[s0], direct, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(
+        bank.ainv[s1], np.linalg.inv(np.eye(d) / 4.0 + np.outer(xs[0], xs[0])), rtol=1e-9
+    )
+
+
+def test_uncertainty_bonus_shrinks_as_an_llm_serves_similar_queries():
+    wl = make_workload()
+    llms = infos(wl)
+    # The bonus is recorded for every candidate whatever is chosen.
+    pol = make_policy(wl, llms, alpha=0.5, update_every=1, online=False)
+    view = idle_view(llms)
+    view.accepting[:] = [False, True, False]  # only `mid` may serve
+    chosen = 1
+    row = int(wl.rows(SPLIT_TEST)[0])
+    bonus = np.array(
+        [pol.route(query(wl, i, row), view).terms["uncertainty"] for i in range(30)]
+    )
+    served = bonus[:, chosen]
+    assert np.all(np.diff(served) < 0)  # strictly shrinking for the LLM that serves
+    assert served[-1] < 0.25 * served[0]  # ~ alpha / sqrt(1 + n) for a unit-norm context
+    others = np.delete(bonus, chosen, axis=1)
+    np.testing.assert_allclose(others, np.tile(others[0], (len(others), 1)))  # untouched
+
+
+# ----------------------------------------------------------------------- latency penalty
+def test_latency_penalty_moves_traffic_away_from_a_long_wait():
+    wl = make_workload()
+    llms = infos(wl)
+    rows = wl.rows(SPLIT_TEST)
+    pol = make_policy(wl, llms, lambda_=100.0, online=False, uncertainty=False)
+    idle = idle_view(llms)
+    busy = idle_view(llms)
+    busy.est_wait_s[:] = [0.0, 0.0, 120.0]  # dear: four times the tolerable 30 s
+    n_idle = sum(pol.route(query(wl, i, int(r)), idle).llm == "dear" for i, r in enumerate(rows))
+    n_busy = sum(pol.route(query(wl, i, int(r)), busy).llm == "dear" for i, r in enumerate(rows))
+    assert n_idle > 0.5 * len(rows)  # quality-hungry lambda: dear is the usual pick
+    assert n_busy == 0  # a penalty of 0.1 * e^9.6 outweighs any quality difference
+    off = make_policy(wl, llms, lambda_=100.0, online=False, uncertainty=False, penalty=False)
+    n_off = sum(off.route(query(wl, i, int(r)), busy).llm == "dear" for i, r in enumerate(rows))
+    assert n_off == n_idle  # switched off, the wait is ignored
+
+
+def test_penalty_term_follows_the_formula_and_never_overflows():
+    w = np.array([0.0, 24.0, 100.0, 1e9, np.inf])
+    pen = latency_penalty(w, beta=0.1, gamma=0.1, xi=0.8, tau_s=30.0)
+    assert pen[1] == pytest.approx(0.1)  # w = xi * tau: exactly beta
+    assert pen[0] == pytest.approx(0.1 * np.exp(-2.4))
+    assert np.all(np.isfinite(pen)) and np.all(np.diff(pen) >= 0)
+
+
+# ---------------------------------------------------------------------- LLM add / remove
+def test_added_llm_is_explored_and_predicted_from_a_warm_start():
+    # `late` is as good as `mid` and as cheap; it joins after 300 queries.
+    rng = np.random.default_rng(1)
+    n = 1200
+    base = make_workload(n, seed=1)
+    p = np.column_stack([np.full(n, 0.5), np.full(n, 0.7), np.full(n, 0.7)])
+    q = (rng.random(p.shape) < p).astype(np.float32)
+    wl = Workload(
+        "late", ("cheap", "mid", "late"), base.features, base.task, base.task_names,
+        base.input_tokens, q, base.output_tokens, base.split,
+    )
+    prices = {"cheap": (0.2, 0.2), "mid": (0.5, 0.5), "late": (0.5, 0.5)}
+    all_llms = infos(wl, prices=prices)
+    rows = wl.rows(SPLIT_TEST)
+
+    def share_of_late(**params) -> float:
+        pol = make_policy(wl, all_llms[:2], lambda_=5.0, online=False, **params)
+        v0 = idle_view(all_llms[:2])
+        for i in range(300):
+            pol.route(query(wl, i, int(rows[i % len(rows)])), v0)
+        pol.on_llm_added(all_llms[2])
+        v1 = idle_view(all_llms)
+        picks = [pol.route(query(wl, i, int(rows[i % len(rows)])), v1).llm for i in range(200)]
+        assert np.isfinite(pol.q_hat[:, 2]).all()  # the newcomer has predictions for all rows
+        return picks.count("late") / len(picks)
+
+    explored = share_of_late(alpha=0.3, warm_start_n=30)
+    not_explored = share_of_late(uncertainty=False, warm_start_n=30)
+    assert explored >= 0.2
+    assert explored > not_explored
+    assert share_of_late(alpha=0.3, warm_start_n=0) > 0.0  # a prior only: still tried
+
+
+def test_removed_llm_is_never_chosen_and_others_are_not_refitted():
+    wl = make_workload()
+    llms = infos(wl)
+    pol = make_policy(wl, llms, lambda_=100.0)
+    q_before = pol.q_hat.copy()
+    pol.on_llm_removed("dear")
+    view = idle_view(llms[:2])
+    picks = {pol.route(query(wl, i, int(r)), view).llm for i, r in enumerate(wl.rows(SPLIT_TEST))}
+    assert picks <= {"cheap", "mid"} and picks
+    np.testing.assert_array_equal(pol.q_hat, q_before)
+    # feedback for the removed LLM arriving late is ignored, not an error
+    from sim.types import Feedback
+
+    pol.feedback(Feedback(0, int(wl.rows(SPLIT_TEST)[0]), "dear", 1.0, 0.0))
+    pol.apply_feedback()
+
+
+def test_unannounced_llm_in_the_view_is_added_lazily():
+    wl = make_workload()
+    llms = infos(wl)
+    pol = make_policy(wl, llms[:2])
+    dec = pol.route(query(wl, 0, int(wl.rows(SPLIT_TEST)[0])), idle_view(llms))
+    assert dec.scores.shape == (3,)
+    assert np.isfinite(pol.q_hat[:, 2]).all()
+
+
+# -------------------------------------------------------------------------------- params
+@pytest.mark.parametrize(
+    "params, field",
+    [
+        ({"lambda": 1.4}, "policy.params.lambda"),  # the Python keyword is spelled lambda_
+        ({"lambda_": 0}, "policy.params.lambda_"),
+        ({"alpha": -0.1}, "policy.params.alpha"),
+        ({"predictor": "svm"}, "policy.params.predictor"),
+        ({"top_k": 0}, "policy.params.top_k"),
+        ({"keep": "any"}, "policy.params.keep"),
+        ({"update_every": 0}, "policy.params.update_every"),
+    ],
+)
+def test_bad_params_raise_policy_error_naming_the_field(params, field):
+    with pytest.raises(PolicyError) as err:
+        registry.validate_params("mixllm", params)
+    assert err.value.field == field
+    assert repr(next(iter(params.values()))) in str(err.value)
+
+
+def test_unknown_param_lists_the_allowed_ones():
+    with pytest.raises(PolicyError, match="allowed params: .*lambda_.*alpha"):
+        registry.validate_params("mixllm", {"lamda": 1.0})
+
+
+def test_registered_and_deterministic_per_seed():
+    assert "mixllm" in registry.names()
+    wl = make_workload()
+    llms = infos(wl)
+    rows = wl.rows(SPLIT_TEST)
+    runs = []
+    for _ in range(2):
+        pol = make_policy(wl, llms, seed=7, online=True)
+        res = evaluate_offline(pol, wl, llms, rows, reference=llms[-1], feedback_probability=0.5)
+        runs.append(res.chosen)
+    np.testing.assert_array_equal(runs[0], runs[1])
+
+
+def test_views_with_inf_wait_for_down_llms_are_handled():
+    wl = make_workload()
+    llms = infos(wl)
+    pol = make_policy(wl, llms)
+    view = ClusterView(
+        names=tuple(x.name for x in llms),
+        models=tuple(x.model for x in llms),
+        model_cols=np.array([x.model_col for x in llms]),
+        price_in_per_mtok=np.array([x.price_in_per_mtok for x in llms]),
+        price_out_per_mtok=np.array([x.price_out_per_mtok for x in llms]),
+        up=np.array([True, True, False]),
+        capacity=np.array([8, 8, 0]),
+        busy=np.zeros(3, dtype=int),
+        queue_len=np.zeros(3, dtype=int),
+        max_queue=np.full(3, 100),
+        mean_service_s=np.ones(3),
+    )
+    with np.errstate(all="raise"):
+        dec = pol.route(query(wl, 0, int(wl.rows(SPLIT_TEST)[0])), view)
+    assert dec.llm != "dear"
+    assert np.isfinite(dec.scores).all()

@@ -1,0 +1,126 @@
+"""MixLLM online learning: the dynamic-feedback score network and its policy-gradient step."""
+
+from __future__ import annotations
+
+import numpy as np
+from test_mixllm import infos, make_policy, make_workload
+
+from policies.mixllm.online import FeedbackScoreNet, OnlineConfig
+from sim.offline import evaluate_offline
+from sim.types import SPLIT_TEST, Feedback
+
+
+def biased_workload(n: int = 4000, seed: int = 5):
+    """Two equally priced LLMs. In the training data `cheap` is right 75% of the time and
+    `mid` 60%; in live traffic `cheap` drops to 20% where x0 > 0 (half the queries). An
+    offline router keeps sending everything to `cheap`."""
+    rng = np.random.default_rng(seed)
+    x0_positive = rng.normal(size=(n, 4))[:, 0] > 0  # the same draws make_workload makes
+    p_train = np.column_stack([np.full(n, 0.75), np.full(n, 0.6)])
+    p_live = np.column_stack([np.where(x0_positive, 0.2, 0.75), np.full(n, 0.6)])
+    wl = make_workload(n, seed=seed, p=p_train, p_test=p_live)
+    llms = infos(wl, prices={"cheap": (1.0, 1.0), "mid": (1.0, 1.0)})
+    return wl, llms
+
+
+def second_half_quality(res, wl, rows) -> float:
+    half = len(rows) // 2
+    return float(wl.quality[rows[half:], res.chosen[half:]].mean())
+
+
+def test_online_learning_fixes_biased_offline_predictors():
+    wl, llms = biased_workload()
+    rows = wl.rows(SPLIT_TEST)  # ~1,600 live queries, every one with feedback
+
+    def run(online: bool):
+        pol = make_policy(wl, llms, lambda_=5.0, online=online, uncertainty=False)
+        return evaluate_offline(
+            pol, wl, llms, rows, reference=llms[0], feedback_probability=1.0, seed=1
+        )
+
+    offline, online = run(False), run(True)
+    # Offline: ~all to `cheap`, mean quality 0.5 * 0.75 + 0.5 * 0.2 = 0.475; the best
+    # achievable is 0.5 * 0.75 + 0.5 * 0.6 = 0.675. Over the second half (~800 queries) the
+    # standard error of a mean quality is ~sqrt(0.25 / 800) = 0.018, so a 0.04 gain is
+    # beyond two standard errors of each side.
+    assert offline.route_share["cheap"] > 0.85
+    q_off = second_half_quality(offline, wl, rows)
+    q_on = second_half_quality(online, wl, rows)
+    assert q_on > q_off + 0.04
+    assert online.quality_pct > offline.quality_pct
+    # It learned where: over the second half `mid` is used more where x0 > 0 (~400 queries
+    # on each side: the standard error of a difference of two shares is <= 0.035, so 0.07 is
+    # two of them; this seed gives 0.14).
+    half = len(rows) // 2
+    x0_pos = wl.features[rows[half:], 0] > 0
+    to_mid = online.chosen[half:] == 1
+    assert to_mid[x0_pos].mean() > to_mid[~x0_pos].mean() + 0.07
+
+
+def test_refined_feedback_uses_the_same_update():
+    wl, llms = biased_workload(2000)
+    rows = wl.rows(SPLIT_TEST)
+    pol = make_policy(wl, llms, lambda_=5.0, uncertainty=False, update_every=16, online=True)
+    before = pol._net.mean_w.copy()
+    for i, row in enumerate(rows[:64]):
+        pol.feedback(Feedback(i, int(row), "cheap", 0.1, float(i), refined=True))
+    assert pol._net.updates == 64
+    assert not np.allclose(pol._net.mean_w, before)
+
+
+def test_feedback_is_batched_and_off_switch_ignores_it():
+    wl, llms = biased_workload(1000)
+    row = int(wl.rows(SPLIT_TEST)[0])
+    pol = make_policy(wl, llms, update_every=10, online=True)
+    for i in range(9):
+        pol.feedback(Feedback(i, row, "cheap", 0.0, float(i)))
+    assert pol._net.updates == 0  # queued, not applied yet
+    pol.feedback(Feedback(9, row, "cheap", 0.0, 9.0))
+    assert pol._net.updates == 10
+    off = make_policy(wl, llms, online=False, update_every=1)
+    off.feedback(Feedback(0, row, "cheap", 0.0, 0.0))
+    assert off._net.updates == 0
+
+
+def _net(n_heads=8, **kw) -> FeedbackScoreNet:
+    return FeedbackScoreNet(2, 3, OnlineConfig(n_heads=n_heads, **kw), np.random.default_rng(0))
+
+
+def test_network_starts_neutral_but_uncertain():
+    net = _net()
+    z = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    np.testing.assert_allclose(net.corrections_mean(z), 0.0, atol=1e-12)
+    heads = np.einsum("bd,emd->ebm", z, net.w)
+    assert heads.var(axis=0).min() > 0
+
+
+def test_policy_gradient_step_direction_and_kappa_weighting():
+    z = np.array([[1.0, 0.0, 0.0]])
+    cols = np.array([0, 1])
+    base = np.zeros((1, 2))
+
+    def step(reward: float, **kw) -> np.ndarray:
+        net = _net(**kw)
+        net.update(z, cols, np.array([0]), base, np.array([0.5]), np.array([reward]), 0.5)
+        return net.corrections_mean(z)[0]
+
+    up = step(1.0)
+    down = step(0.0)
+    # A reward above the predicted 0.5 raises the chosen LLM's correction and lowers the
+    # other's (the softmax policy moves toward the rewarded choice); below, the reverse.
+    assert up[0] > 0 > up[1]
+    assert down[0] < 0 < down[1]
+    # kappa = eps / (Var + eps): with a tiny eps relative to the heads' spread the update
+    # nearly vanishes; with a large eps it is the full step.
+    assert abs(step(1.0, eps=1e-9)[0]) < 1e-3 * abs(step(1.0, eps=1e3)[0])
+
+
+def test_correction_stays_bounded():
+    net = _net(lr=5.0, max_correction=0.3)
+    z = np.tile([[0.6, 0.8, 0.0]], (64, 1))  # unit norm
+    for _ in range(50):
+        net.update(
+            z, np.array([0, 1]), np.zeros(64, dtype=int), np.zeros((64, 2)),
+            np.full(64, 0.5), np.ones(64), 0.5,
+        )
+    assert np.abs(net.corrections_mean(z)).max() <= 0.3 + 1e-9
