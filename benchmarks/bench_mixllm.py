@@ -43,7 +43,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from policies import registry  # noqa: E402
-from sim.context import training_set  # noqa: E402
+from sim.context import context_for, training_set  # noqa: E402
 from sim.offline import evaluate_offline  # noqa: E402
 from sim.routerbench import ROUTERBENCH_PRICES_PER_MTOK, load_routerbench_workload  # noqa: E402
 from sim.scenario import EncoderSpec, PolicySpec, WorkloadSpec, load_scenario  # noqa: E402
@@ -74,19 +74,8 @@ def load(path: Path, encoder: str) -> tuple[Workload, list[LLMInfo], LLMInfo]:
 
 
 def context(wl: Workload, llms, ref: LLMInfo, train: TrainingSet, seed: int) -> PolicyContext:
-    return PolicyContext(
-        llms=tuple(llms),
-        workload_models=wl.models,
-        features=wl.features,
-        task=wl.task,
-        task_names=wl.task_names,
-        input_tokens=wl.input_tokens,
-        train=train,
-        texts=wl.texts,
-        reference_llm=ref.name,
-        patience_mean_s=None,
-        rng=np.random.default_rng(seed),
-    )
+    return context_for(wl, llms, reference_llm=ref.name, rng=np.random.default_rng(seed),
+                       train=train)
 
 
 def short(name: str) -> str:

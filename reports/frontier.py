@@ -38,14 +38,13 @@ import polars as pl
 from policies import registry
 from policies.base import BasePolicy
 from policies.quality_model import hull_mean_quality, nondecreasing_hull
-from sim.context import request_cost_usd, training_set
+from sim.context import context_for, request_cost_usd
 from sim.errors import RouteSimError
 from sim.offline import evaluate_offline
 from sim.types import (
     SPLIT_TEST,
     ClusterView,
     Decision,
-    GroundTruth,
     LLMInfo,
     PolicyContext,
     Query,
@@ -112,22 +111,9 @@ def policy_context(
 ) -> PolicyContext:
     """What `setup` gets: public columns of every row, ground truth of training rows only
     (of every row for upper-bound policies)."""
-    gt = None
-    if with_ground_truth:
-        gt = GroundTruth(workload.models, workload.quality, workload.output_tokens)
-    return PolicyContext(
-        llms=tuple(llms),
-        workload_models=workload.models,
-        features=workload.features,
-        task=workload.task,
-        task_names=workload.task_names,
-        input_tokens=workload.input_tokens,
-        train=training_set(workload),
-        texts=workload.texts,
-        reference_llm=reference.name,
-        patience_mean_s=None,
-        rng=np.random.default_rng(seed),
-        ground_truth=gt,
+    return context_for(
+        workload, llms, reference_llm=reference.name, rng=np.random.default_rng(seed),
+        with_ground_truth=with_ground_truth,
     )
 
 

@@ -48,9 +48,9 @@ def training_set(workload: Workload) -> TrainingSet:
     )
 
 
-def build_policy_context(
+def context_for(
     workload: Workload,
-    llms: Sequence[LLMSpec],
+    llms: Sequence[LLMInfo],
     *,
     reference_llm: str,
     rng: np.random.Generator,
@@ -59,7 +59,8 @@ def build_policy_context(
     with_ground_truth: bool = False,
     train: TrainingSet | None = None,
 ) -> PolicyContext:
-    """The `PolicyContext` for the initial `llms`; ground truth only when asked for."""
+    """The `PolicyContext` for deployments already described as `LLMInfo`; ground truth of
+    every row only when asked for (upper-bound policies)."""
     gt = None
     if with_ground_truth:
         gt = GroundTruth(
@@ -68,7 +69,7 @@ def build_policy_context(
             output_tokens=workload.output_tokens,
         )
     return PolicyContext(
-        llms=tuple(llm_info(s, workload, field=f"llms.{i}") for i, s in enumerate(llms)),
+        llms=tuple(llms),
         workload_models=workload.models,
         features=workload.features,
         task=workload.task,
@@ -81,6 +82,27 @@ def build_policy_context(
         rng=rng,
         cache_dir=cache_dir,
         ground_truth=gt,
+    )
+
+
+def build_policy_context(
+    workload: Workload,
+    llms: Sequence[LLMSpec],
+    *,
+    reference_llm: str,
+    rng: np.random.Generator,
+    patience_mean_s: float | None = None,
+    cache_dir: str | None = None,
+    with_ground_truth: bool = False,
+    train: TrainingSet | None = None,
+) -> PolicyContext:
+    """The `PolicyContext` for the scenario's initial `llms` (specs checked against the
+    workload's models)."""
+    infos = [llm_info(s, workload, field=f"llms.{i}") for i, s in enumerate(llms)]
+    return context_for(
+        workload, infos, reference_llm=reference_llm, rng=rng,
+        patience_mean_s=patience_mean_s, cache_dir=cache_dir,
+        with_ground_truth=with_ground_truth, train=train,
     )
 
 

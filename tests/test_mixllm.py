@@ -19,7 +19,7 @@ from policies.mixllm.decision import (
     woodbury_update,
 )
 from policies.mixllm.policy import MixLLMPolicy
-from sim.context import training_set
+from sim.context import context_for
 from sim.errors import PolicyError
 from sim.offline import evaluate_offline, idle_view
 from sim.types import (
@@ -73,19 +73,7 @@ def infos(wl: Workload, names=None, prices=PRICES) -> list[LLMInfo]:
 
 
 def context(wl: Workload, llms, seed: int = 0) -> PolicyContext:
-    return PolicyContext(
-        llms=tuple(llms),
-        workload_models=wl.models,
-        features=wl.features,
-        task=wl.task,
-        task_names=wl.task_names,
-        input_tokens=wl.input_tokens,
-        train=training_set(wl),
-        texts=wl.texts,
-        reference_llm=llms[-1].name,
-        patience_mean_s=None,
-        rng=np.random.default_rng(seed),
-    )
+    return context_for(wl, llms, reference_llm=llms[-1].name, rng=np.random.default_rng(seed))
 
 
 def make_policy(wl, llms, seed: int = 0, **params) -> MixLLMPolicy:
