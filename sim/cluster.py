@@ -189,6 +189,9 @@ class Cluster:
             queue_len=np.array([d.n_queued for d in ps], dtype=np.int64),
             max_queue=np.array([d.spec.max_queue for d in ps], dtype=np.int64),
             mean_service_s=np.array([d.mean_service_s for d in ps], dtype=float),
+            prefill_tps=np.array([d.spec.prefill_tps for d in ps], dtype=float),
+            decode_tps=np.array([d.spec.decode_tps for d in ps], dtype=float),
+            speed_factor=np.array([d.speed_factor for d in ps], dtype=float),
             now=now,
         )
 
@@ -213,6 +216,17 @@ class Cluster:
             v.est_wait_s[i] = np.inf
             v.load[i] = np.inf
             v.accepting[i] = False
+
+    def set_speed_factor(self, d: Deployment, factor: float) -> None:
+        """A slowdown starts or ends: the view shows it at once, and the service-time
+        estimate is rescaled instead of waiting for slow jobs to finish."""
+        if d.speed_factor > 0:
+            d.mean_service_s *= factor / d.speed_factor
+        d.speed_factor = factor
+        if d.vi >= 0:
+            self.view.speed_factor[d.vi] = factor
+            self.view.mean_service_s[d.vi] = d.mean_service_s
+            self._refresh(d)
 
     def refresh_prices(self, d: Deployment) -> None:
         if d.vi >= 0:

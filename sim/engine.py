@@ -629,7 +629,7 @@ class Simulation:
             d = cl.by_name[s.llm]
             # Overlapping slowdowns multiply; each one's end removes only its own factor.
             d.slowdowns[i] = s.factor
-            d.speed_factor = math.prod(d.slowdowns.values())
+            self.cluster.set_speed_factor(d, math.prod(d.slowdowns.values()))
             self.events.append(now, act, d.name, f"factor={d.speed_factor:g}")
             if s.duration_s is not None:
                 back = self.env.timeout(s.duration_s, value=(d, i))
@@ -654,7 +654,7 @@ class Simulation:
     def _on_slowdown_end(self, ev) -> None:
         d, i = ev.value
         d.slowdowns.pop(i, None)
-        d.speed_factor = math.prod(d.slowdowns.values())
+        self.cluster.set_speed_factor(d, math.prod(d.slowdowns.values()))
         self.events.append(self.env.now, "slowdown_end", d.name, f"factor={d.speed_factor:g}")
 
     # -------------------------------------------------------------------------- results

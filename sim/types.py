@@ -200,6 +200,10 @@ class ClusterView:
     max_queue: np.ndarray  # int
     mean_service_s: np.ndarray  # float: running estimate of service time
     now: float = 0.0
+    prefill_tps: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
+    decode_tps: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
+    # service-time multiplier in force (slowdown events; 1.0 = nominal speed)
+    speed_factor: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
     est_wait_s: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
     load: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
     accepting: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
@@ -208,6 +212,12 @@ class ClusterView:
     def __post_init__(self) -> None:
         self._index = {n: i for i, n in enumerate(self.names)}
         n = len(self.names)
+        if self.prefill_tps is None:
+            self.prefill_tps = np.full(n, np.nan)
+        if self.decode_tps is None:
+            self.decode_tps = np.full(n, np.nan)
+        if self.speed_factor is None:
+            self.speed_factor = np.ones(n)
         self.est_wait_s = np.zeros(n)
         self.load = np.zeros(n)
         self.accepting = np.zeros(n, dtype=bool)

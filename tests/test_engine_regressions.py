@@ -144,3 +144,31 @@ def test_workload_is_read_only_for_policies():
     wl = build_workload(sc, 1)
     with pytest.raises(ValueError):
         wl.features[0, 0] = math.pi
+
+
+def test_policies_see_slowdowns_in_the_view():
+    class Watch(BasePolicy):
+        name = "watch_test"
+
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def route(self, query, view):
+            self.seen.append((view.now, float(view.speed_factor[0]),
+                              float(view.mean_service_s[0]), float(view.decode_tps[0])))
+            return Decision("gpt-4")
+
+    sc = scenario(duration_s=300, llms=[llm("gpt-4", slots=100, decode_tps=40)],
+                  events=[{"at_s": 100, "slowdown": {"llm": "gpt-4", "factor": 4.0,
+                                                     "duration_s": 100}}],
+                  run={"drain_s": None})
+    pol = Watch()
+    run(sc, pol)
+    before = [s for s in pol.seen if s[0] < 100]
+    during = [s for s in pol.seen if 100 <= s[0] < 200]
+    after = [s for s in pol.seen if s[0] >= 200]
+    assert {s[1] for s in before} == {1.0} and {s[1] for s in during} == {4.0}
+    assert {s[1] for s in after} == {1.0} and {s[3] for s in pol.seen} == {40.0}
+    # The service-time estimate jumps with the slowdown instead of lagging behind it.
+    assert during[0][2] > 3.0 * before[-1][2]
