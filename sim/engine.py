@@ -281,6 +281,18 @@ class Simulation:
         view.now = now
         q = self._query(rid, attempt)
         dec: Decision = self.policy.route(q, view)
+        if dec.keep != "primary" and dec.keep != "best_realised":
+            raise RouteSimError(
+                f"policy {getattr(self.policy, 'name', '?')!r} returned keep={dec.keep!r}; "
+                "allowed: 'primary', 'best_realised'",
+                field="decision.keep",
+            )
+        if dec.scores is not None and len(dec.scores) != len(view.names):
+            raise RouteSimError(
+                f"policy {getattr(self.policy, 'name', '?')!r} returned {len(dec.scores)} "
+                f"scores for {len(view.names)} candidates; one per ClusterView.names entry",
+                field="decision.scores",
+            )
         if attempt == 0:
             self._record_decision(rid, dec, view)
         if dec.extra:

@@ -13,7 +13,7 @@ from helpers import llm, scenario
 from policies import registry
 from policies.base import BasePolicy
 from sim.engine import Simulation, prepare_inputs
-from sim.errors import ScenarioError
+from sim.errors import RouteSimError, ScenarioError
 from sim.metrics import summarize
 from sim.record import write_json
 from sim.runner import build_workload
@@ -172,3 +172,17 @@ def test_policies_see_slowdowns_in_the_view():
     assert {s[1] for s in after} == {1.0} and {s[3] for s in pol.seen} == {40.0}
     # The service-time estimate jumps with the slowdown instead of lagging behind it.
     assert during[0][2] > 3.0 * before[-1][2]
+
+
+@pytest.mark.parametrize("bad", [{"keep": "best"}, {"scores": np.zeros(1)}])
+def test_malformed_decisions_are_named(bad):
+    class Bad(BasePolicy):
+        name = "bad_test"
+
+        def route(self, query, view):
+            return Decision(view.names[0], **bad)
+
+    sc = scenario(duration_s=20)
+    field = "decision.keep" if "keep" in bad else "decision.scores"
+    with pytest.raises(RouteSimError, match=field):
+        run(sc, Bad())
