@@ -9,6 +9,7 @@ Prints:
   a fresh subprocess so the rest of the benchmark does not count.
 
 Usage: python benchmarks/bench_engine.py [--n 200000] [--big 1000000] [--policy NAME]
+       [--params JSON]
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def scenario_for(n: int, policy: str, rate: float = 40.0):
     })
 
 
-def routesim_rate(n: int, policy: str) -> tuple[float, int]:
+def routesim_rate(n: int, policy: str, params: dict | None = None) -> tuple[float, int]:
     from policies import registry
     from sim.engine import Simulation, prepare_inputs
     from sim.runner import build_workload
@@ -83,7 +84,7 @@ def routesim_rate(n: int, policy: str) -> tuple[float, int]:
     sc = scenario_for(n, policy)
     wl = build_workload(sc, sc.seed)
     inputs = prepare_inputs(sc, wl, sc.seed)
-    pol = registry.create(policy)
+    pol = registry.create(policy, params or {})
     sim = Simulation(sc, pol, inputs, seed=sc.seed)  # policy setup excluded from the timing
     t = time.perf_counter()
     res = sim.run()
@@ -91,7 +92,7 @@ def routesim_rate(n: int, policy: str) -> tuple[float, int]:
     return res.requests.height / dt, res.requests.height
 
 
-def big_run(n: int, policy: str) -> None:
+def big_run(n: int, policy: str, params: dict | None = None) -> None:
     """Child process: one run of n requests; prints JSON with peak RSS."""
     from policies import registry
     from sim.engine import Simulation, prepare_inputs
@@ -101,7 +102,7 @@ def big_run(n: int, policy: str) -> None:
     wl = build_workload(sc, sc.seed)
     inputs = prepare_inputs(sc, wl, sc.seed)
     t = time.perf_counter()
-    res = Simulation(sc, registry.create(policy), inputs, seed=sc.seed).run()
+    res = Simulation(sc, registry.create(policy, params or {}), inputs, seed=sc.seed).run()
     dt = time.perf_counter() - t
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"requests": res.requests.height, "wall_s": dt,
@@ -113,18 +114,22 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=200_000)
     ap.add_argument("--big", type=int, default=1_000_000)
     ap.add_argument("--policy", default="least_loaded")
+    ap.add_argument("--params", default="{}",
+                    help='policy params as JSON, e.g. \'{"online": true}\' for mixllm')
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    params = json.loads(args.params)
     if args.child:
-        big_run(args.big, args.policy)
+        big_run(args.big, args.policy, params)
         return
     raw = raw_simpy_mmc(args.n)
-    ours, n = routesim_rate(args.n, args.policy)
+    ours, n = routesim_rate(args.n, args.policy, params)
     raw2 = raw_simpy_mmc(args.n, seed=2)  # bracket ours: drift on a noisy machine shows up
     raw_mean = (raw + raw2) / 2
     print(f"raw SimPy M/M/8 (process per customer): {raw_mean:,.0f} customers/s "
           f"(runs: {raw:,.0f}, {raw2:,.0f})")
-    print(f"routesim {args.policy}, 4 LLMs, token model, feedback: {ours:,.0f} requests/s "
+    print(f"routesim {args.policy} {params or ''}, 4 LLMs, token model, feedback: "
+          f"{ours:,.0f} requests/s "
           f"({n:,} requests)")
     target = 0.3 if args.policy == "mixllm" else 0.5
     ratio = ours / raw_mean
@@ -132,7 +137,7 @@ def main() -> None:
     if args.big > 0:
         out = subprocess.run(
             [sys.executable, __file__, "--child", "--big", str(args.big), "--policy",
-             args.policy], capture_output=True, text=True, check=True,
+             args.policy, "--params", args.params], capture_output=True, text=True, check=True,
         )
         info = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"{info['requests']:,}-request run: {info['wall_s']:.1f} s, peak RSS "

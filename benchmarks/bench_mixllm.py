@@ -1,6 +1,7 @@
 """MixLLM on RouterBench and under load: frontier, online learning, ablations.
 
-Prints three tables (each part can be run alone with --part):
+Prints four tables (each part can be run alone with --part): (tune) the 5-fold CV on the
+training rows that picks the default lambda, then
 
 (a) frontier: uncongested, fitted on the train+validation rows, evaluated on the test split
     (reports.frontier, the same route path as the simulator): every single LLM, random,
@@ -11,10 +12,10 @@ Prints three tables (each part can be run alone with --part):
     a stream with binary feedback on every answer (online learning on) or without learning
     (offline-only); both are then scored on the test split (no more feedback), at the
     default lambda, over several random 30% subsets (paired: the same subset and stream).
-(c) ablation: the defaults, then one part switched at a time (uncertainty off, penalty off,
-    online learning on: it is off by default), tags
-    on (when the tag-enhanced encoder can run, --tags), everything off, and the penalty on/off
-    at a quality-hungry lambda (which congests gpt-4 in the spike). Columns: quality
+(c) ablation: the defaults, then one part switched at a time (tags on, when the
+    tag-enhanced encoder can run; uncertainty off; penalty off; the admission check off, with
+    and without the penalty; online learning on: it is off by default), everything off, and
+    the penalty on/off at a quality-hungry lambda. Columns: quality
     % and cost % of gpt-4 on the RouterBench test split (uncongested, feedback on 30% of
     answers as in scenarios/routerbench_steady.yaml), and quality %, cost %, p95 wait and
     rejected + abandoned requests in the load-spike scenario (synthetic workload, engine).
@@ -23,13 +24,14 @@ Data: the shared RouterBench CSV, located relative to the repository (or $ROUTES
 or --data). Prompt embeddings come from the workload loader (cached on disk after the first
 run, which takes minutes on CPU).
 
-    python benchmarks/bench_mixllm.py [--part all|frontier|online|ablation] [--seeds 3]
-        [--data CSV] [--baselines knn,...] [--tags]
+    python benchmarks/bench_mixllm.py [--part all|tune|frontier|online|ablation] [--seeds 10]
+        [--data CSV] [--baselines knn,...] [--no-tags] [--params JSON]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -117,12 +119,54 @@ def part_frontier(wl, llms, ref, baselines: list[str]) -> None:
         print(f"{level:6d}   " + " ".join(f"{v:9.1f}" for v in vals))
     d = pts.filter((pts["policy"] == "mixllm") & pts["is_default"]).row(0, named=True)
     ok = d["quality_pct"] >= 97.0 and d["cost_pct"] <= 25.0
-    print(f"\nmixllm default (lambda_={d['knob_value']:g}): {d['quality_pct']:.1f}% quality at "
-          f"{d['cost_pct']:.1f}% cost; target >= 97% at <= 25%: {'met' if ok else 'NOT met'}")
+    print(f"\nmixllm default (lambda_={d['knob_value']:g}): {d['quality_pct']:.2f}% quality at "
+          f"{d['cost_pct']:.2f}% cost; target >= 97% at <= 25%: {'met' if ok else 'NOT met'}")
+
+
+# ---------------------------------------------------------------------------- (tune)
+TUNE_LAMBDAS = (5.0, 6.0, 7.0, 7.5, 8.0, 8.5, 9.0, 9.5, 10.0, 12.0, 15.0)
+TUNE_BUDGET_PCT = 24.0  # a point under the 25% target: CV costs carry sampling error
+
+
+def part_tune(wl, llms, ref, folds: int = 5) -> None:
+    """Choose the default lambda on training data only: `folds`-fold cross-validation over
+    the train+validation rows (fit on the other folds, route the held-out fold uncongested
+    with feedback on 30% of answers), quality and cost pooled over folds; the pick is the
+    lambda with the highest CV quality whose CV cost is within TUNE_BUDGET_PCT."""
+    full = training_set(wl)
+    rng = np.random.default_rng(0)
+    fold = rng.permutation(len(full.rows)) % folds
+    q = np.zeros(len(TUNE_LAMBDAS))
+    c = np.zeros(len(TUNE_LAMBDAS))
+    rq = rc = 0.0
+    for f in range(folds):
+        keep = fold != f
+        sub = TrainingSet(rows=full.rows[keep], models=full.models, quality=full.quality[keep],
+                          output_tokens=full.output_tokens[keep],
+                          valid_mask=np.zeros(int(keep.sum()), dtype=bool))
+        held = full.rows[~keep]
+        pol = registry.create("mixllm", {})
+        pol.setup(context(wl, llms, ref, sub, f))
+        for i, lam in enumerate(TUNE_LAMBDAS):
+            pol.set_tradeoff(lam)
+            r = evaluate_offline(pol, wl, llms, held, reference=ref, feedback_probability=0.3,
+                                 feedback_noise=0.05, seed=f)
+            q[i] += r.quality_sum
+            c[i] += r.cost_usd
+        rq += r.quality_sum / r.quality_pct * 100
+        rc += r.cost_usd / r.cost_pct * 100
+    print(f"\n(tune) {folds}-fold CV on the {len(full.rows)} train+validation rows "
+          f"(test rows unused); pick: best CV quality with CV cost <= {TUNE_BUDGET_PCT}%")
+    qp, cp = q / rq * 100, c / rc * 100
+    ok = cp <= TUNE_BUDGET_PCT
+    pick = int(np.flatnonzero(ok)[np.argmax(qp[ok])]) if ok.any() else int(np.argmin(cp))
+    for i, lam in enumerate(TUNE_LAMBDAS):
+        mark = "  <- pick" if i == pick else ""
+        print(f"  lambda_={lam:<5g} CV quality {qp[i]:6.2f}%  CV cost {cp[i]:6.2f}%{mark}")
 
 
 # ------------------------------------------------------------------------------ (b)
-LAMBDA_SWEEP = (3.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 12.0, 15.0, 20.0, 30.0, 60.0)
+LAMBDA_SWEEP = (0.3, 1.0, 3.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 12.0, 15.0, 20.0, 30.0, 60.0)
 
 
 def test_frontier(pol, wl, llms, ref, rows) -> tuple[np.ndarray, np.ndarray]:
@@ -140,16 +184,17 @@ def test_frontier(pol, wl, llms, ref, rows) -> tuple[np.ndarray, np.ndarray]:
     return c, q
 
 
-def part_online(wl, llms, ref, seeds: int) -> None:
+def part_online(wl, llms, ref, seeds: int, online_params: dict | None = None) -> None:
     from policies.quality_model import hull_mean_quality
     from reports.frontier import hull_quality_at
 
+    online_params = online_params or {}
     full = training_set(wl)
     test = wl.rows(SPLIT_TEST)
     print("\n(b) online learning: fit on 30% of train+validation, binary feedback on every "
           "answer of the other 70% (stream), then scored on the test split without feedback")
     print(f"{'seed':>4s} {'offline q/c %':>14s} {'online q/c %':>13s} {'offline q at':>12s} "
-          f"{'AIQ5-50 off':>11s} {'AIQ5-50 on':>10s} {'stream q off/on':>16s}")
+          f"{'AIQ5-50 off':>11s} {'AIQ5-50 on':>10s} {'AIQ ceiling':>12s} {'stream q off/on':>16s}")
     print(f"{'':4s} {'(default lambda)':>28s} {'online cost':>12s}")
     rows = []
     for seed in range(seeds):
@@ -166,27 +211,32 @@ def part_online(wl, llms, ref, seeds: int) -> None:
             valid_mask=np.zeros(k, dtype=bool),
         )
         out = {}
-        for online in (False, True):
-            pol = registry.create("mixllm", {"online": online})
-            pol.setup(context(wl, llms, ref, sub, seed))
+        # The ceiling: offline on the 30% plus every model's answer to the stream's queries
+        # (full information, which bandit feedback on the chosen LLM never gives).
+        for name, fit, online in (("off", sub, False), ("on", sub, True), ("ceil", full, False)):
+            pol = registry.create("mixllm", {**online_params, "online": online})
+            pol.setup(context(wl, llms, ref, fit, seed))
             s = evaluate_offline(pol, wl, llms, stream, reference=ref,
-                                 feedback_probability=1.0, seed=seed)
+                                 feedback_probability=1.0 if online else 0.0, seed=seed)
             c, q = test_frontier(pol, wl, llms, ref, test)
             t = evaluate_offline(pol, wl, llms, test, reference=ref, seed=seed)
-            out[online] = (t.quality_pct, t.cost_pct, s.quality_pct, c, q)
-        off, on = out[False], out[True]
+            out[name] = (t.quality_pct, t.cost_pct, s.quality_pct, c, q)
+        off, on = out["off"], out["on"]
         matched = hull_quality_at(off[3], off[4], on[1])
-        aiq_off = hull_mean_quality(off[3], off[4], 5.0, 50.0)
-        aiq_on = hull_mean_quality(on[3], on[4], 5.0, 50.0)
-        rows.append((on[0] - off[0], on[1] - off[1], on[0] - matched, aiq_on - aiq_off))
+        aiq = {n: hull_mean_quality(v[3], v[4], 5.0, 50.0) for n, v in out.items()}
+        rows.append((on[0] - off[0], on[1] - off[1], on[0] - matched, aiq["on"] - aiq["off"],
+                     aiq["ceil"] - aiq["off"]))
         print(f"{seed:4d} {off[0]:6.2f}/{off[1]:6.2f} {on[0]:6.2f}/{on[1]:6.2f} {matched:12.2f} "
-              f"{aiq_off:11.2f} {aiq_on:10.2f} {off[2]:8.2f}/{on[2]:6.2f}")
+              f"{aiq['off']:11.2f} {aiq['on']:10.2f} {aiq['ceil']:12.2f} "
+              f"{off[2]:8.2f}/{on[2]:6.2f}")
     d = np.array(rows)
-    se = d.std(axis=0, ddof=1) / np.sqrt(len(d)) if len(d) > 1 else np.full(4, np.nan)
+    se = d.std(axis=0, ddof=1) / np.sqrt(len(d)) if len(d) > 1 else np.full(5, np.nan)
     print(f"mean online - offline (se): at the default lambda quality {d[:, 0].mean():+.2f} "
           f"({se[0]:.2f}), cost {d[:, 1].mean():+.2f} ({se[1]:.2f}) points; against the "
           f"offline frontier at the same cost {d[:, 2].mean():+.2f} ({se[2]:.2f}); "
-          f"AIQ 5-50% {d[:, 3].mean():+.2f} ({se[3]:.2f}). Paper: +1.31% with binary feedback.")
+          f"AIQ 5-50% {d[:, 3].mean():+.2f} ({se[3]:.2f}). Full-information ceiling minus "
+          f"offline, AIQ 5-50%: {d[:, 4].mean():+.2f} ({se[4]:.2f}): what any learner from this "
+          "stream could gain at most. Paper: +1.31% with binary feedback.")
 
 
 # ------------------------------------------------------------------------------ (c)
@@ -194,6 +244,9 @@ ABLATIONS: list[tuple[str, dict]] = [
     ("defaults", {}),
     ("uncertainty off", {"uncertainty": False}),
     ("penalty off (beta=0)", {"penalty": False}),
+    # Without the admission check only the penalty keeps requests off full queues.
+    ("admission check off", {"admission": False}),
+    ("admission off, penalty off", {"admission": False, "penalty": False}),
     ("online on", {"online": True}),
     ("all off (predictors only)", {"uncertainty": False, "penalty": False, "online": False}),
     # A quality-hungry trade-off loads gpt-4, the slowest and scarcest deployment, during
@@ -245,12 +298,17 @@ def part_ablation(wl, llms, ref, with_tags: bool) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--part", default="all", choices=["all", "frontier", "online", "ablation"])
+    ap.add_argument("--part", default="all",
+                    choices=["all", "tune", "frontier", "online", "ablation"])
     ap.add_argument("--data", default=None, help="RouterBench-format CSV")
     ap.add_argument("--encoder", default="transformer", choices=["transformer", "hashing"])
-    ap.add_argument("--seeds", type=int, default=3, help="random 30%% subsets in (b)")
+    ap.add_argument("--seeds", type=int, default=10, help="random 30%% subsets in (b)")
     ap.add_argument("--baselines", default="knn", help="comma-separated learned routers")
-    ap.add_argument("--tags", action="store_true", help="add 'tags on' to the ablation")
+    ap.add_argument("--no-tags", dest="tags", action="store_false",
+                    help="leave 'tags on' out of the ablation (it fine-tunes the encoder: "
+                    "minutes on CPU the first time, cached after)")
+    ap.add_argument("--params", default="{}", help="JSON mixllm params for (b), e.g. "
+                    "'{\"online_pg\": 0}'")
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
     path = data_path(args.data)
@@ -258,10 +316,12 @@ def main() -> None:
         sys.exit(f"no RouterBench data at {path}; pass --data CSV or set ROUTESIM_SHARED_DATA")
     wl, llms, ref = load(path, args.encoder)
     baselines = [b for b in args.baselines.split(",") if b]
+    if args.part in ("all", "tune"):
+        part_tune(wl, llms, ref)
     if args.part in ("all", "frontier"):
         part_frontier(wl, llms, ref, baselines)
     if args.part in ("all", "online"):
-        part_online(wl, llms, ref, args.seeds)
+        part_online(wl, llms, ref, args.seeds, json.loads(args.params))
     if args.part in ("all", "ablation"):
         part_ablation(wl, llms, ref, args.tags)
 

@@ -124,6 +124,27 @@ def test_only_accepting_llms_are_chosen():
         assert pol.route(query(wl, i, int(row)), view).llm == "mid"
 
 
+def test_admission_off_routes_by_score_alone_but_never_to_a_down_llm():
+    wl = make_workload()
+    llms = infos(wl)
+    on = make_policy(wl, llms, uncertainty=False)
+    off = make_policy(wl, llms, uncertainty=False, admission=False)
+    full = idle_view(llms)
+    rows = wl.rows(SPLIT_TEST)[:100]
+    picks = [on.route(query(wl, i, int(r)), full).llm for i, r in enumerate(rows)]
+    favourite = max(set(picks), key=picks.count)
+    j = full.names.index(favourite)
+    full.accepting[j] = False  # its queue is full: up, but a request would be rejected
+    for i, r in enumerate(rows):
+        q = query(wl, i, int(r))
+        assert on.route(q, full).llm != favourite
+    assert sum(off.route(query(wl, i, int(r)), full).llm == favourite
+               for i, r in enumerate(rows)) == picks.count(favourite)
+    full.up[j] = False  # down: skipped either way
+    assert all(off.route(query(wl, i, int(r)), full).llm != favourite
+               for i, r in enumerate(rows))
+
+
 def test_lambda_trades_quality_for_cost():
     wl = make_workload(1000)
     llms = infos(wl)
@@ -346,3 +367,36 @@ def test_views_with_inf_wait_for_down_llms_are_handled():
         dec = pol.route(query(wl, 0, int(wl.rows(SPLIT_TEST)[0])), view)
     assert dec.llm != "dear"
     assert np.isfinite(dec.scores).all()
+
+
+# ------------------------------------------------------------------------ kNN's k by CV
+def test_cv_picks_a_small_k_for_local_signal_and_a_large_k_for_noise():
+    from policies.mixllm.predictors import choose_knn_k
+
+    rng = np.random.default_rng(3)
+    n = 1500
+    x = rng.normal(size=(n, 3))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    angle = np.arctan2(x[:, 1], x[:, 0])
+    # Right where the angle falls in alternating 30-degree sectors: only a query's closest
+    # neighbours share its sector, so averaging many neighbours blurs the signal away.
+    local = (np.floor(angle / (np.pi / 6)) % 2 == 0).astype(float)[:, None]
+    k_local, brier_local = choose_knn_k(x, local, grid=(5, 25, 100, 400))
+    assert k_local <= 25
+    assert brier_local[k_local] < brier_local[400]
+    # Pure coin flips: every neighbour is as informative as any other, the most win.
+    noise = (rng.random((n, 2)) < 0.6).astype(float)
+    k_noise, brier_noise = choose_knn_k(x, noise, grid=(5, 25, 100, 400))
+    assert k_noise == 400
+    assert brier_noise[5] > brier_noise[400]
+
+
+def test_knn_k_is_chosen_by_cv_unless_given():
+    wl = make_workload(800)
+    llms = infos(wl)
+    chosen = make_policy(wl, llms)
+    assert chosen.knn_k in (25, 50, 100, 150, 200, 300, 400)
+    fixed = make_policy(wl, llms, knn_k=7)
+    assert fixed.knn_k == 7
+    # The choice depends on the data only, not on the run's seed.
+    assert make_policy(wl, llms, seed=11).knn_k == chosen.knn_k

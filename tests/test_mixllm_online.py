@@ -115,8 +115,8 @@ def test_policy_gradient_step_direction_and_kappa_weighting():
     assert abs(step(1.0, eps=1e-9)[0]) < 1e-3 * abs(step(1.0, eps=1e3)[0])
 
 
-def test_correction_stays_bounded():
-    net = _net(lr=5.0, max_correction=0.3)
+def test_actor_correction_stays_bounded():
+    net = _net(lr=5.0, max_correction=0.3, critic_weight=0.0)
     z = np.tile([[0.6, 0.8, 0.0]], (64, 1))  # unit norm
     for _ in range(50):
         net.update(
@@ -124,3 +124,25 @@ def test_correction_stays_bounded():
             np.full(64, 0.5), np.ones(64), 0.5,
         )
     assert np.abs(net.corrections_mean(z)).max() <= 0.3 + 1e-9
+
+
+def test_critic_is_the_posterior_mean_of_offline_prediction_and_feedback():
+    # Every answer of model 0 scores 1 where 0.5 was predicted. With kappa ~ 1 (eps far above
+    # the heads' spread) each head's ridge fit of the residual along a unit z is
+    # sum(omega * 0.5) / (prior_n + sum(omega)): about 0.5 * 2000 / 2100 = 0.476 (the
+    # bootstrap weights' sum, 2000 +- 45 per head, moves that by < 0.002).
+    net = _net(pg_weight=0.0, prior_n=100.0, eps=1e6)
+    z = np.tile([[1.0, 0.0, 0.0]], (200, 1))
+    for _ in range(10):
+        net.update(
+            z, np.array([0, 1]), np.zeros(200, dtype=int), np.zeros((200, 2)),
+            np.full(200, 0.5), np.ones(200), 0.5,
+        )
+    delta = net.corrections_mean(z[:1])[0]
+    assert 0.47 < delta[0] < 0.482
+    assert abs(delta[1]) < 1e-12  # never chosen: no evidence, no correction
+    # Few observations barely move it: the offline prediction is worth prior_n answers.
+    few = _net(pg_weight=0.0, prior_n=100.0, eps=1e6)
+    few.update(z[:10], np.array([0, 1]), np.zeros(10, dtype=int), np.zeros((10, 2)),
+               np.full(10, 0.5), np.ones(10), 0.5)
+    assert 0.0 < few.corrections_mean(z[:1])[0, 0] < 0.06

@@ -3,31 +3,35 @@
 The network adds a learned correction delta_m(z) to each workload model's predicted quality
 (z: the query's low-dimensional context, see `policy.py`). It is an ensemble of `n_heads`
 linear heads per model; the correction used for routing is the ensemble mean, and the
-ensemble's spread is the uncertainty of the score estimate.
+ensemble's spread is the uncertainty of the score estimate. Each head has two parts, both
+learned from the same binary (or refined, continuous) rewards:
 
-Learning is policy gradient (REINFORCE with a baseline) on the routing policy
-pi(l | x) = softmax_l(S_l / T), where S_l is the decision score with the correction inside it
-(S_l = lambda/(1+lambda) * (q_hat_l + delta_l) - cost + bonus) and T a temperature. For a
-feedback (x, chosen a, reward r):
+- a critic: a ridge regression of the residual r - q_hat_a of the chosen model a on z,
+  A_m = prior_n * I + sum kappa * z z^T, b_m = sum kappa * z * (r - q_hat_a),
+  w_m = A_m^-1 b_m. prior_n is how many observations the offline prediction is worth (the
+  kNN predictor averages `knn_k` answers, so the policy passes that): the correction is the
+  posterior mean of "offline prediction + feedback", so it starts at 0, moves only as
+  evidence piles up, and fixes the winner's curse of the offline estimates (the chosen LLM
+  is the one whose quality was over-predicted, and only the chosen LLM is observed).
+- an actor: policy gradient (REINFORCE with a baseline) on the routing policy
+  pi(l | x) = softmax_l(S_l / T), S_l being the decision score with the correction inside it
+  (S_l = lambda/(1+lambda) * (q_hat_l + delta_l) - cost + bonus), T a temperature:
 
-    advantage = kappa * (r - clip(q_hat_a + delta_a, 0, 1))  # baseline: predicted quality
-    grad of log pi(a | x) w.r.t. delta_j = (1[j = a] - pi_j)  (up to the constant
-                                             lambda/(1+lambda) / T, folded into the step size)
+      advantage = kappa * (r - clip(q_hat_a + delta_a, 0, 1))   # baseline: the critic
+      grad of log pi(a | x) w.r.t. delta_j = (1[j = a] - pi_j)   (constants in the step)
+      V_e[j] += lr * omega_e * advantage * (1[j = a] - pi_j) * z
 
-and every head e takes W_e[j] += lr * omega_e * advantage * (g * grad_j + c * 1[j = a]) * z,
-g = `pg_weight`. The optional c * 1[j = a] term (`critic_weight`, 0 by default) also regresses
-the baseline itself toward r (actor-critic on shared parameters); on RouterBench it lowered
-quality at equal cost, so the default is the pure policy gradient, whose low temperature
-concentrates learning on close calls. kappa = eps / (Var_e[delta_a] + eps), i.e. the issue's
-1 / (Var + eps) scaled by eps into (0, 1]: updates where the heads disagree (the estimate is
-unreliable) count less.
-omega_e ~ 2 * Bernoulli(1/2) is a per-head bootstrap mask, so the heads stay diverse and
-their variance stays a meaningful uncertainty. Binary rewards (thumbs up/down) and refined
-(continuous, in [0, 1]) rewards go through the same update.
+  The low temperature concentrates it on close calls, the decisions it can change.
+
+kappa = eps / (Var_e[delta_a] + eps), i.e. the issue's 1 / (Var + eps) scaled by eps into
+(0, 1]: updates where the heads disagree (the estimate is unreliable) count less. omega_e is
+a per-head bootstrap weight (2 * Bernoulli(1/2)) in both parts, so the heads stay diverse
+and their variance stays a meaningful uncertainty.
 
 Feedback is queued and applied in batches (`update_every` in the policy) so a routing
-decision only does one small matrix-vector product. The correction is bounded by
-`max_correction` through a cap on every head's weight norm (no clipping per decision).
+decision only does one small matrix-vector product. The actor's share of the correction is
+bounded by `max_correction` through a cap on its weight norms; the critic's is bounded by
+the rewards (a ridge fit of residuals in [-1, 1]).
 """
 
 from __future__ import annotations
@@ -42,14 +46,15 @@ class OnlineConfig:
     """Hyper-parameters of the dynamic-feedback score network."""
 
     n_heads: int = 8
-    lr: float = 0.01
-    temperature: float = 0.03
-    eps: float = 0.01
-    critic_weight: float = 0.0  # > 0 also regresses the baseline toward the reward
-    pg_weight: float = 1.0  # 0 leaves only the baseline regression (a value-learning bandit)
-    weight_decay: float = 1e-3  # per batch, pulls the correction back toward 0
-    init_std: float = 0.05
-    max_correction: float = 0.5  # bound on |delta| (enforced through the weight norms)
+    lr: float = 0.01  # actor step size
+    temperature: float = 0.03  # of the actor's softmax policy
+    eps: float = 0.01  # kappa = eps / (Var + eps)
+    prior_n: float = 100.0  # critic: observations the offline prediction is worth
+    critic_weight: float = 1.0  # 0 turns the critic off (actor only)
+    pg_weight: float = 1.0  # 0 turns the actor off (critic only)
+    weight_decay: float = 1e-3  # actor, per batch: pulls its correction back toward 0
+    init_std: float = 0.05  # actor heads' initial spread (the initial uncertainty)
+    max_correction: float = 0.5  # bound on the actor's |delta|
 
 
 class FeedbackScoreNet:
@@ -67,16 +72,23 @@ class FeedbackScoreNet:
         self.cfg = cfg
         self.dim = dim
         self.rng = rng
-        # |delta| = |w . z| <= |w| |z|: bounding every head's weight norm bounds the
+        # |delta| = |v . z| <= |v| |z|: bounding every actor head's weight norm bounds its
         # correction without clipping at decision time.
-        self._w_norm_max = cfg.max_correction / max(z_norm_max, 1e-12)
-        w = rng.normal(0.0, cfg.init_std / np.sqrt(dim), size=(cfg.n_heads, n_models, dim))
+        self._v_norm_max = cfg.max_correction / max(z_norm_max, 1e-12)
+        v = rng.normal(0.0, cfg.init_std / np.sqrt(dim), size=(cfg.n_heads, n_models, dim))
         # Centre the heads: the initial mean correction is exactly 0 (routing starts as the
         # offline policy) while the heads still disagree (initial uncertainty).
-        w -= w.mean(axis=0, keepdims=True)
-        self.w = w
+        v -= v.mean(axis=0, keepdims=True)
+        self.v = v  # actor weights (E, M, d)
         self._project()
-        self.mean_w = w.mean(axis=0)
+        # Critic: per (head, model) the ridge system A w = b.
+        self.a = np.broadcast_to(
+            np.eye(dim) * cfg.prior_n, (cfg.n_heads, n_models, dim, dim)
+        ).copy()
+        self.b = np.zeros((cfg.n_heads, n_models, dim))
+        self.c = np.zeros_like(self.v)  # critic weights A^-1 b
+        self.w = self.v + self.c
+        self.mean_w = self.w.mean(axis=0)
         self.updates = 0
         self.version = 0  # bumped by every update (callers cache mean_w rows by it)
 
@@ -89,8 +101,8 @@ class FeedbackScoreNet:
         return z @ self.mean_w.T
 
     def _project(self) -> None:
-        norms = np.linalg.norm(self.w, axis=2, keepdims=True)
-        self.w *= np.minimum(1.0, self._w_norm_max / np.maximum(norms, 1e-12))
+        norms = np.linalg.norm(self.v, axis=2, keepdims=True)
+        self.v *= np.minimum(1.0, self._v_norm_max / np.maximum(norms, 1e-12))
 
     def update(
         self,
@@ -102,7 +114,7 @@ class FeedbackScoreNet:
         reward: np.ndarray,
         quality_w: float,
     ) -> None:
-        """One batched policy-gradient step.
+        """One batched step of critic and actor.
 
         z: (B, dim) contexts; cand_cols: (L,) workload model column of each candidate;
         chosen: (B,) index into cand_cols of the LLM that answered; base_scores: (B, L) the
@@ -116,23 +128,37 @@ class FeedbackScoreNet:
         heads = np.einsum("bd,eld->ebl", z, self.w[:, cand_cols])  # (E, B, L)
         delta = heads.mean(axis=0)  # (B, L)
         rows = np.arange(b)
-        logits = (base_scores + quality_w * delta) / cfg.temperature
-        logits -= logits.max(axis=1, keepdims=True)
-        pi = np.exp(logits)
-        pi /= pi.sum(axis=1, keepdims=True)
         var_a = heads[:, rows, chosen].var(axis=0)
         kappa = cfg.eps / (var_a + cfg.eps)
-        q_est = np.clip(q_hat_chosen + delta[rows, chosen], 0.0, 1.0)
-        adv = kappa * (reward - q_est)
-        onehot = np.zeros_like(pi)
-        onehot[rows, chosen] = 1.0
-        grad = adv[:, None] * (cfg.pg_weight * (onehot - pi) + cfg.critic_weight * onehot)
-        omega = 2.0 * (self.rng.random((cfg.n_heads, b)) < 0.5)
-        step = cfg.lr * np.einsum("eb,bl,bd->eld", omega, grad, z)  # (E, L, dim)
-        self.w *= 1.0 - cfg.weight_decay
-        # add.at: two deployments of one model share a column and both contribute.
-        np.add.at(self.w, (slice(None), cand_cols), step)
-        self._project()
+        omega = 2.0 * (self.rng.random((cfg.n_heads, b)) < 0.5)  # (E, B)
+        if cfg.critic_weight > 0:
+            weight = cfg.critic_weight * omega * kappa  # (E, B)
+            resid = reward - q_hat_chosen
+            cols_b = cand_cols[chosen]  # (B,) workload column of each chosen LLM
+            for col in np.unique(cols_b):
+                sel = cols_b == col
+                zs, ws = z[sel], weight[:, sel]  # (k, d), (E, k)
+                self.a[:, col] += np.einsum("ek,kd,kf->edf", ws, zs, zs)
+                self.b[:, col] += (ws * resid[sel]) @ zs
+                self.c[:, col] = np.linalg.solve(self.a[:, col], self.b[:, col][..., None])[
+                    ..., 0
+                ]
+        if cfg.pg_weight > 0:
+            logits = (base_scores + quality_w * delta) / cfg.temperature
+            logits -= logits.max(axis=1, keepdims=True)
+            pi = np.exp(logits)
+            pi /= pi.sum(axis=1, keepdims=True)
+            q_est = np.clip(q_hat_chosen + delta[rows, chosen], 0.0, 1.0)
+            adv = kappa * (reward - q_est)
+            onehot = np.zeros_like(pi)
+            onehot[rows, chosen] = 1.0
+            grad = cfg.pg_weight * adv[:, None] * (onehot - pi)
+            step = cfg.lr * np.einsum("eb,bl,bd->eld", omega, grad, z)  # (E, L, dim)
+            self.v *= 1.0 - cfg.weight_decay
+            # add.at: two deployments of one model share a column and both contribute.
+            np.add.at(self.v, (slice(None), cand_cols), step)
+            self._project()
+        self.w = self.v + self.c
         self.mean_w = self.w.mean(axis=0)
         self.updates += b
         self.version += 1

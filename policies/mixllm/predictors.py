@@ -9,7 +9,14 @@ routing decision only indexes arrays.
 
 Inputs are the query embedding concatenated with a one-hot of the query's public task label
 (RouterBench's eval_name / the synthetic task family), scaled by `task_weight`: the label is
-public, cheap and strongly predictive of both correctness and answer length.
+public, cheap and strongly predictive of both correctness and answer length. With unit
+embeddings, a task weight above sqrt(2) makes every same-task row a closer cosine neighbour
+than any other-task row (the dot products differ by task_weight^2 > 2), so kNN averages
+answers to the query's own task first.
+
+kNN's k is chosen by `choose_knn_k`: cross-validated Brier score of the quality predictions
+over the fit rows, every LLM at once (the kNN router baseline does the same on its
+validation rows).
 """
 
 from __future__ import annotations
@@ -72,6 +79,45 @@ class ModelPredictor:
             np.clip(q, 0.0, 1.0).astype(np.float32),
             np.maximum(ln, 1.0).astype(np.float32),
         )
+
+
+# k tried by `choose_knn_k` (capped at the fit rows of a fold).
+KNN_K_GRID: tuple[int, ...] = (25, 50, 100, 150, 200, 300, 400)
+
+
+def choose_knn_k(
+    x: np.ndarray,
+    quality: np.ndarray,
+    grid: tuple[int, ...] = KNN_K_GRID,
+    *,
+    folds: int = 5,
+    seed: int = 0,
+) -> tuple[int, dict[int, float]]:
+    """The k of `grid` with the lowest `folds`-fold cross-validated Brier score of the kNN
+    quality predictions (cosine neighbours of `x`, every column of `quality` at once), and
+    the score of every k tried. Rows are dealt to folds at random (seeded)."""
+    from sklearn.neighbors import NearestNeighbors
+
+    n = x.shape[0]
+    if n < 2 * folds:
+        return max(1, min(grid[0], n - 1)), {}
+    fold = np.random.default_rng(seed).permutation(n) % folds
+    kmax = min(max(grid), int(np.bincount(fold).min() * (folds - 1)))
+    ks = sorted({min(k, kmax) for k in grid})
+    sq = {k: 0.0 for k in ks}
+    y = quality.astype(np.float64)
+    for f in range(folds):
+        fit, held = fold != f, fold == f
+        nn = NearestNeighbors(n_neighbors=kmax, metric="cosine", algorithm="brute")
+        nn.fit(x[fit])
+        idx = nn.kneighbors(x[held], return_distance=False)  # nearest first
+        # Running means over the first k neighbours, for every k at once.
+        csum = np.cumsum(y[fit][idx], axis=1)  # (n_held, kmax, n_models)
+        for k in ks:
+            sq[k] += float(((csum[:, k - 1] / k - y[held]) ** 2).sum())
+    brier = {k: v / (n * y.shape[1]) for k, v in sq.items()}
+    best = min(ks, key=lambda k: (brier[k], k))
+    return best, brier
 
 
 def _make_regressor(cfg: PredictorConfig, n_rows: int, seed: int):
