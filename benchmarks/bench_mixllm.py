@@ -184,15 +184,17 @@ def test_frontier(pol, wl, llms, ref, rows) -> tuple[np.ndarray, np.ndarray]:
     return c, q
 
 
-def part_online(wl, llms, ref, seeds: int, online_params: dict | None = None) -> None:
+def part_online(wl, llms, ref, seeds: int, online_params: dict | None = None,
+                share: float = 0.3) -> None:
     from policies.quality_model import hull_mean_quality
     from reports.frontier import hull_quality_at
 
     online_params = online_params or {}
     full = training_set(wl)
     test = wl.rows(SPLIT_TEST)
-    print("\n(b) online learning: fit on 30% of train+validation, binary feedback on every "
-          "answer of the other 70% (stream), then scored on the test split without feedback")
+    print(f"\n(b) online learning: fit on {share:.0%} of train+validation, binary feedback on "
+          f"every answer of the other {1 - share:.0%} (stream), then scored on the test split "
+          "without feedback")
     print(f"{'seed':>4s} {'offline q/c %':>14s} {'online q/c %':>13s} {'offline q at':>12s} "
           f"{'AIQ5-50 off':>11s} {'AIQ5-50 on':>10s} {'AIQ ceiling':>12s} {'stream q off/on':>16s}")
     print(f"{'':4s} {'(default lambda)':>28s} {'online cost':>12s}")
@@ -200,7 +202,7 @@ def part_online(wl, llms, ref, seeds: int, online_params: dict | None = None) ->
     for seed in range(seeds):
         rng = np.random.default_rng(1000 + seed)
         perm = rng.permutation(len(full.rows))
-        k = int(round(0.3 * len(perm)))
+        k = int(round(share * len(perm)))
         keep = np.sort(perm[:k])
         stream = full.rows[perm[k:]]  # arrival order: random
         sub = TrainingSet(
@@ -307,6 +309,8 @@ def main() -> None:
     ap.add_argument("--no-tags", dest="tags", action="store_false",
                     help="leave 'tags on' out of the ablation (it fine-tunes the encoder: "
                     "minutes on CPU the first time, cached after)")
+    ap.add_argument("--offline-share", type=float, default=0.3,
+                    help="share of the training rows fitted offline in (b)")
     ap.add_argument("--params", default="{}", help="JSON mixllm params for (b), e.g. "
                     "'{\"online_pg\": 0}'")
     args = ap.parse_args()
@@ -321,7 +325,7 @@ def main() -> None:
     if args.part in ("all", "frontier"):
         part_frontier(wl, llms, ref, baselines)
     if args.part in ("all", "online"):
-        part_online(wl, llms, ref, args.seeds, json.loads(args.params))
+        part_online(wl, llms, ref, args.seeds, json.loads(args.params), args.offline_share)
     if args.part in ("all", "ablation"):
         part_ablation(wl, llms, ref, args.tags)
 

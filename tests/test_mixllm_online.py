@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from test_mixllm import infos, make_policy, make_workload
 
 from policies.mixllm.online import FeedbackScoreNet, OnlineConfig
@@ -146,3 +147,16 @@ def test_critic_is_the_posterior_mean_of_offline_prediction_and_feedback():
     few.update(z[:10], np.array([0, 1]), np.zeros(10, dtype=int), np.zeros((10, 2)),
                np.full(10, 0.5), np.ones(10), 0.5)
     assert 0.0 < few.corrections_mean(z[:1])[0, 0] < 0.06
+
+
+def test_a_stronger_prior_on_some_inputs_slows_learning_along_them():
+    # Residual +0.5 seen with z = e0 (a "task" input) and with z = e1 (a "context" input):
+    # with prior_scale 10 on e1 the correction along e1 moves about 10x less at first.
+    net = _net(pg_weight=0.0, prior_n=100.0, eps=1e6, prior_scale=(1.0, 10.0, 1.0))
+    z = np.vstack([np.tile([[1.0, 0.0, 0.0]], (20, 1)), np.tile([[0.0, 1.0, 0.0]], (20, 1))])
+    net.update(z, np.array([0, 1]), np.zeros(40, dtype=int), np.zeros((40, 2)),
+               np.full(40, 0.5), np.ones(40), 0.5)
+    along_task, along_context = net.corrections_mean(np.eye(3)[:2])[:, 0]
+    assert along_task > 5 * along_context > 0
+    with pytest.raises(ValueError, match="prior_scale"):
+        _net(prior_scale=(1.0, 2.0))

@@ -7,12 +7,15 @@ ensemble's spread is the uncertainty of the score estimate. Each head has two pa
 learned from the same binary (or refined, continuous) rewards:
 
 - a critic: a ridge regression of the residual r - q_hat_a of the chosen model a on z,
-  A_m = prior_n * I + sum kappa * z z^T, b_m = sum kappa * z * (r - q_hat_a),
+  A_m = prior_n * diag(s) + sum kappa * z z^T, b_m = sum kappa * z * (r - q_hat_a),
   w_m = A_m^-1 b_m. prior_n is how many observations the offline prediction is worth (the
   kNN predictor averages `knn_k` answers, so the policy passes that): the correction is the
   posterior mean of "offline prediction + feedback", so it starts at 0, moves only as
   evidence piles up, and fixes the winner's curse of the offline estimates (the chosen LLM
-  is the one whose quality was over-predicted, and only the chosen LLM is observed).
+  is the one whose quality was over-predicted, and only the chosen LLM is observed). s
+  (`prior_scale`) makes the prior stronger along some inputs: the policy uses it so that a
+  per-task bias is learned sooner than a dependence on the embedding, which the offline
+  kNN has already fitted and which, fitted again on a few hundred rewards, is mostly noise.
 - an actor: policy gradient (REINFORCE with a baseline) on the routing policy
   pi(l | x) = softmax_l(S_l / T), S_l being the decision score with the correction inside it
   (S_l = lambda/(1+lambda) * (q_hat_l + delta_l) - cost + bonus), T a temperature:
@@ -50,6 +53,9 @@ class OnlineConfig:
     temperature: float = 0.03  # of the actor's softmax policy
     eps: float = 0.01  # kappa = eps / (Var + eps)
     prior_n: float = 100.0  # critic: observations the offline prediction is worth
+    # critic: per-dimension multiplier of prior_n (None: 1 everywhere); the policy makes the
+    # prior stronger on the embedding context than on the task one-hot
+    prior_scale: tuple[float, ...] | None = None
     critic_weight: float = 1.0  # 0 turns the critic off (actor only)
     pg_weight: float = 1.0  # 0 turns the actor off (critic only)
     weight_decay: float = 1e-3  # actor, per batch: pulls its correction back toward 0
@@ -82,8 +88,11 @@ class FeedbackScoreNet:
         self.v = v  # actor weights (E, M, d)
         self._project()
         # Critic: per (head, model) the ridge system A w = b.
+        scale = np.ones(dim) if cfg.prior_scale is None else np.asarray(cfg.prior_scale, float)
+        if scale.shape != (dim,):
+            raise ValueError(f"prior_scale has {scale.shape} entries; the context has {dim}")
         self.a = np.broadcast_to(
-            np.eye(dim) * cfg.prior_n, (cfg.n_heads, n_models, dim, dim)
+            np.diag(scale * cfg.prior_n), (cfg.n_heads, n_models, dim, dim)
         ).copy()
         self.b = np.zeros((cfg.n_heads, n_models, dim))
         self.c = np.zeros_like(self.v)  # critic weights A^-1 b
