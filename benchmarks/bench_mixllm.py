@@ -304,7 +304,7 @@ def main() -> None:
                     choices=["all", "tune", "frontier", "online", "ablation"])
     ap.add_argument("--data", default=None, help="RouterBench-format CSV")
     ap.add_argument("--encoder", default="transformer", choices=["transformer", "hashing"])
-    ap.add_argument("--seeds", type=int, default=10, help="random 30%% subsets in (b)")
+    ap.add_argument("--seeds", type=int, default=10, help="random offline subsets in (b)")
     ap.add_argument("--baselines", default="knn", help="comma-separated learned routers")
     ap.add_argument("--no-tags", dest="tags", action="store_false",
                     help="leave 'tags on' out of the ablation (it fine-tunes the encoder: "
@@ -312,7 +312,7 @@ def main() -> None:
     ap.add_argument("--offline-share", type=float, default=0.3,
                     help="share of the training rows fitted offline in (b)")
     ap.add_argument("--params", default="{}", help="JSON mixllm params for (b), e.g. "
-                    "'{\"online_pg\": 0}'")
+                    "'{\"online_pg\": 1}'")
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
     path = data_path(args.data)

@@ -398,5 +398,20 @@ def test_knn_k_is_chosen_by_cv_unless_given():
     assert chosen.knn_k in (25, 50, 100, 150, 200, 300, 400)
     fixed = make_policy(wl, llms, knn_k=7)
     assert fixed.knn_k == 7
-    # The choice depends on the data only, not on the run's seed.
+    # The choice depends on the data only, not on the run's seed (recomputed, not cached).
+    from policies.mixllm import policy as mixllm_policy
+
+    mixllm_policy._KNN_K_CACHE.clear()
     assert make_policy(wl, llms, seed=11).knn_k == chosen.knn_k
+    assert len(mixllm_policy._KNN_K_CACHE) == 1
+
+
+def test_setup_with_no_initial_llm_then_llms_joining():
+    wl = make_workload()
+    pol = registry.create("mixllm", {})
+    pol.setup(context_for(wl, [], reference_llm="dear", rng=np.random.default_rng(0)))
+    llms = infos(wl)
+    for llm in llms:
+        pol.on_llm_added(llm)
+    row = int(wl.rows(SPLIT_TEST)[0])
+    assert pol.route(query(wl, 0, row), idle_view(llms)).llm in wl.models

@@ -3,7 +3,7 @@
 The claim: against beta = 0, the penalty cuts p95 wait and abandonment, and without the
 admission check also rejections, at no more than 1 point of quality %. Checked per seed on 3
 seeds with common random numbers (the same arrivals and users for every variant). Over the
-spike the effect is about 2x on p95 wait (11 s vs 19-21 s) and abandonment (~300 vs ~580 of
+spike the effect is about 2x on p95 wait (11 s vs 19-25 s) and abandonment (~300 vs ~580 of
 ~13,000 requests); seed-to-seed spread of those is ~10%, so each per-seed comparison is
 many spreads apart.
 """
@@ -29,7 +29,7 @@ def test_latency_penalty_cuts_waits_abandonment_and_rejections_in_the_spike():
     for on, off in zip(by["penalty"], by["beta0"], strict=True):
         assert on["p95_wait_s"] < 0.8 * off["p95_wait_s"]
         assert on["abandoned"] < 0.8 * off["abandoned"]
-        assert on["rejected"] <= off["rejected"]
+        assert on["rejected"] == 0  # the admission check: nothing is sent to a full queue
         assert on["quality_pct_of_reference"] >= off["quality_pct_of_reference"] - 1.0
     for on, off in zip(by["penalty_no_admission"], by["beta0_no_admission"], strict=True):
         assert off["rejected"] > 50  # routing by score alone fills gpt-4's queue of 64

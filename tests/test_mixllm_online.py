@@ -101,7 +101,7 @@ def test_policy_gradient_step_direction_and_kappa_weighting():
     base = np.zeros((1, 2))
 
     def step(reward: float, **kw) -> np.ndarray:
-        net = _net(**kw)
+        net = _net(critic_weight=0.0, **kw)  # the actor alone
         net.update(z, cols, np.array([0]), base, np.array([0.5]), np.array([reward]), 0.5)
         return net.corrections_mean(z)[0]
 
@@ -160,3 +160,31 @@ def test_a_stronger_prior_on_some_inputs_slows_learning_along_them():
     assert along_task > 5 * along_context > 0
     with pytest.raises(ValueError, match="prior_scale"):
         _net(prior_scale=(1.0, 2.0))
+
+
+def test_critic_correction_stays_bounded_where_it_extrapolates():
+    # Two nearby contexts with opposite residuals: the ridge fit's slope along their small
+    # difference is steep, and far along it the unbounded fit would exceed 3.
+    net = _net(pg_weight=0.0, prior_n=1.0, eps=1e6, max_correction=0.3)
+    a, b = np.array([1.0, 0.05, 0.0]), np.array([1.0, -0.05, 0.0])
+    z = np.vstack([np.tile(a, (200, 1)), np.tile(b, (200, 1))])
+    reward = np.r_[np.ones(200), np.zeros(200)]
+    net.update(z, np.array([0, 1]), np.zeros(400, dtype=int), np.zeros((400, 2)),
+               np.full(400, 0.5), reward, 0.5)
+    probe = np.array([[0.0, 1.0, 0.0]])
+    assert abs(net.corrections_mean(probe)[0, 0]) <= 0.3 + 1e-9
+    assert net.corrections_mean(a[None])[0, 0] > 0 > net.corrections_mean(b[None])[0, 0]
+
+
+def test_an_added_llm_gets_a_critic_prior_worth_its_warm_start_rows():
+    wl, llms = biased_workload(1000)
+    pol = make_policy(wl, llms[:1], online=True, warm_start_n=5)
+    pol.on_llm_added(llms[1])
+    col = llms[1].model_col
+    k = pol._online_prior_n
+    assert k > 5
+    a = pol._net.a[0]
+    np.testing.assert_allclose(np.diag(a[col]) / pol._net._prior_diag, 5.0)
+    np.testing.assert_allclose(np.diag(a[llms[0].model_col]) / pol._net._prior_diag, k)
+    pol.set_tradeoff(3.0)  # a reset keeps the added column's weaker prior
+    np.testing.assert_allclose(np.diag(pol._net.a[0][col]) / pol._net._prior_diag, 5.0)

@@ -32,9 +32,10 @@ a per-head bootstrap weight (2 * Bernoulli(1/2)) in both parts, so the heads sta
 and their variance stays a meaningful uncertainty.
 
 Feedback is queued and applied in batches (`update_every` in the policy) so a routing
-decision only does one small matrix-vector product. The actor's share of the correction is
-bounded by `max_correction` through a cap on its weight norms; the critic's is bounded by
-the rewards (a ridge fit of residuals in [-1, 1]).
+decision only does one small matrix-vector product. Each part's correction is bounded by
+`max_correction` through a cap on its weight norms (a ridge fit of residuals in [-1, 1] can
+still extrapolate far beyond them along directions it has seen little of), so no clipping is
+needed per decision.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class OnlineConfig:
     pg_weight: float = 1.0  # 0 turns the actor off (critic only)
     weight_decay: float = 1e-3  # actor, per batch: pulls its correction back toward 0
     init_std: float = 0.05  # actor heads' initial spread (the initial uncertainty)
-    max_correction: float = 0.5  # bound on the actor's |delta|
+    max_correction: float = 0.5  # bound on each part's |delta| (actor, critic)
 
 
 class FeedbackScoreNet:
@@ -80,7 +81,7 @@ class FeedbackScoreNet:
         self.rng = rng
         # |delta| = |v . z| <= |v| |z|: bounding every actor head's weight norm bounds its
         # correction without clipping at decision time.
-        self._v_norm_max = cfg.max_correction / max(z_norm_max, 1e-12)
+        self._w_norm_max = cfg.max_correction / max(z_norm_max, 1e-12)
         v = rng.normal(0.0, cfg.init_std / np.sqrt(dim), size=(cfg.n_heads, n_models, dim))
         # Centre the heads: the initial mean correction is exactly 0 (routing starts as the
         # offline policy) while the heads still disagree (initial uncertainty).
@@ -91,6 +92,7 @@ class FeedbackScoreNet:
         scale = np.ones(dim) if cfg.prior_scale is None else np.asarray(cfg.prior_scale, float)
         if scale.shape != (dim,):
             raise ValueError(f"prior_scale has {scale.shape} entries; the context has {dim}")
+        self._prior_diag = scale
         self.a = np.broadcast_to(
             np.diag(scale * cfg.prior_n), (cfg.n_heads, n_models, dim, dim)
         ).copy()
@@ -109,9 +111,20 @@ class FeedbackScoreNet:
         """(B, n_models) mean corrections for contexts z (B, dim), every model column."""
         return z @ self.mean_w.T
 
+    def set_prior(self, col: int, prior_n: float) -> None:
+        """Restart model column `col`'s critic with a prior worth `prior_n` observations
+        (an LLM added with a weaker offline prediction than the others: a few warm-start
+        rows, or none)."""
+        self.a[:, col] = np.diag(self._prior_diag * prior_n)
+        self.b[:, col] = 0.0
+        self.c[:, col] = 0.0
+        self.w = self.v + self.c
+        self.mean_w = self.w.mean(axis=0)
+        self.version += 1
+
     def _project(self) -> None:
         norms = np.linalg.norm(self.v, axis=2, keepdims=True)
-        self.v *= np.minimum(1.0, self._v_norm_max / np.maximum(norms, 1e-12))
+        self.v *= np.minimum(1.0, self._w_norm_max / np.maximum(norms, 1e-12))
 
     def update(
         self,
@@ -149,9 +162,9 @@ class FeedbackScoreNet:
                 zs, ws = z[sel], weight[:, sel]  # (k, d), (E, k)
                 self.a[:, col] += np.einsum("ek,kd,kf->edf", ws, zs, zs)
                 self.b[:, col] += (ws * resid[sel]) @ zs
-                self.c[:, col] = np.linalg.solve(self.a[:, col], self.b[:, col][..., None])[
-                    ..., 0
-                ]
+                c = np.linalg.solve(self.a[:, col], self.b[:, col][..., None])[..., 0]
+                norms = np.linalg.norm(c, axis=1, keepdims=True)
+                self.c[:, col] = c * np.minimum(1.0, self._w_norm_max / np.maximum(norms, 1e-12))
         if cfg.pg_weight > 0:
             logits = (base_scores + quality_w * delta) / cfg.temperature
             logits -= logits.max(axis=1, keepdims=True)

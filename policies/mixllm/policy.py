@@ -9,8 +9,9 @@ Parts, each switchable for ablation through params:
   (`policies.mixllm.predictors`);
 - the meta decision score with the LinUCB uncertainty bonus (`uncertainty`) and the
   latency penalty (`penalty`) (`policies.mixllm.decision`);
-- online learning from user feedback (`online`): a dynamic-feedback score network updated by
-  policy gradient in batches (`policies.mixllm.online`);
+- online learning from user feedback (`online`): a dynamic-feedback score network updated in
+  batches by a critic (ridge posterior of the offline prediction's error) and, with
+  `online_pg` > 0, a policy-gradient actor (`policies.mixllm.online`);
 - LLM addition (warm-start predictors, high initial uncertainty) and removal, without
   retraining the other LLMs;
 - top-k: send the query to the k best-scored LLMs (`top_k`); the user keeps the primary
@@ -137,7 +138,7 @@ class MixLLMParams(BaseModel):
     online_eps: float = Field(default=0.01, gt=0)
     online_prior_n: float | None = Field(
         default=None, gt=0, description="observations the offline prediction is worth; "
-        "None: the kNN's k (the answers each prediction averages)"
+        "None: the kNN's k (the answers each prediction averages), 100 for other predictors"
     )
     online_critic: float = Field(default=1.0, ge=0, description="weight of the critic")
     online_context_prior: float = Field(
@@ -232,8 +233,8 @@ class MixLLMPolicy(BasePolicy):
         n_tasks = len(ctx.task_names)
         self._x = query_design(features, ctx.task, n_tasks, p.task_weight)
         self.knn_k = p.knn_k
-        if p.predictor == "knn" and p.knn_k is None:
-            cols = sorted({x.model_col for x in ctx.llms})
+        cols = sorted({x.model_col for x in ctx.llms})
+        if p.predictor == "knn" and p.knn_k is None and cols:
             self.knn_k = self._cv_knn_k(self._x[self._fit_rows], train.quality[fit_idx][:, cols])
         self._pred_cfg = PredictorConfig(
             kind=p.predictor,
@@ -277,6 +278,10 @@ class MixLLMPolicy(BasePolicy):
         self._z = np.hstack([self._u, onehot])
 
         self._llms0 = tuple(ctx.llms)
+        # kNN: each prediction averages k answers; other predictors: a nominal 100.
+        self._online_prior_n = p.online_prior_n or float(self.knn_k or 100)
+        # Critic priors of model columns fitted after setup (LLMs added with few rows).
+        self._col_prior: dict[int, float] = {}
         self._reset_online()
 
     def _cv_knn_k(self, x: np.ndarray, quality: np.ndarray) -> int:
@@ -307,7 +312,7 @@ class MixLLMPolicy(BasePolicy):
                 lr=p.online_lr,
                 temperature=p.online_temperature,
                 eps=p.online_eps,
-                prior_n=p.online_prior_n or float(self.knn_k or 100),
+                prior_n=self._online_prior_n,
                 prior_scale=(p.online_context_prior,) * self._u.shape[1]
                 + (1.0,) * (self._z.shape[1] - self._u.shape[1]),
                 critic_weight=p.online_critic,
@@ -316,6 +321,8 @@ class MixLLMPolicy(BasePolicy):
             np.random.default_rng(self._net_seed),
             z_norm_max=float(np.sqrt(2.0)),  # |u| = 1 plus a one-hot
         )
+        for col, prior in self._col_prior.items():
+            self._net.set_prior(col, prior)
         self._net_version = -1
         self._fb_rows: list[int] = []
         self._fb_names: list[str] = []
@@ -555,7 +562,7 @@ class MixLLMPolicy(BasePolicy):
             self.apply_feedback()
 
     def apply_feedback(self) -> None:
-        """Apply the queued feedback as one batched policy-gradient step (the softmax policy
+        """Apply the queued feedback as one batched critic/actor step (the actor's softmax policy
         of the step is over the current candidates' quality and cost terms)."""
         if not self._fb_rows:
             return
@@ -592,6 +599,10 @@ class MixLLMPolicy(BasePolicy):
             n_ws = min(p.warm_start_n, len(self._fit_idx))
             ws = np.sort(self._rng.choice(self._fit_idx, n_ws, replace=False))
             self._fit_column(col, ws, prior=(prior_q, prior_len))
+            # Its prediction averages at most n_ws answers (a constant prior: about one), so
+            # the critic lets feedback outweigh it sooner than for the initial LLMs.
+            self._col_prior[col] = float(min(self._online_prior_n, max(1, n_ws)))
+            self._net.set_prior(col, self._col_prior[col])
         self._slot[llm.name] = self._bank.add_slot(p.new_llm_explore)
         self._info[llm.name] = llm
         self._names = None  # rebind on the next decision

@@ -99,7 +99,7 @@ def choose_knn_k(
     from sklearn.neighbors import NearestNeighbors
 
     n = x.shape[0]
-    if n < 2 * folds:
+    if n < 2 * folds or quality.shape[1] == 0:
         return max(1, min(grid[0], n - 1)), {}
     fold = np.random.default_rng(seed).permutation(n) % folds
     kmax = min(max(grid), int(np.bincount(fold).min() * (folds - 1)))
@@ -111,10 +111,12 @@ def choose_knn_k(
         nn = NearestNeighbors(n_neighbors=kmax, metric="cosine", algorithm="brute")
         nn.fit(x[fit])
         idx = nn.kneighbors(x[held], return_distance=False)  # nearest first
-        # Running means over the first k neighbours, for every k at once.
-        csum = np.cumsum(y[fit][idx], axis=1)  # (n_held, kmax, n_models)
-        for k in ks:
-            sq[k] += float(((csum[:, k - 1] / k - y[held]) ** 2).sum())
+        yf, yh = y[fit], y[held]
+        for j in range(y.shape[1]):  # one model at a time: (n_held, kmax) arrays only
+            # Running means over the first k neighbours, for every k at once.
+            csum = np.cumsum(yf[idx, j], axis=1)
+            for k in ks:
+                sq[k] += float(((csum[:, k - 1] / k - yh[:, j]) ** 2).sum())
     brier = {k: v / (n * y.shape[1]) for k, v in sq.items()}
     best = min(ks, key=lambda k: (brier[k], k))
     return best, brier
