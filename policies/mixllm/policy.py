@@ -112,7 +112,7 @@ class MixLLMParams(BaseModel):
         "off: only down ones are skipped, the score alone decides (as in the paper) and a "
         "full queue rejects",
     )
-    online: bool = False  # see the module docstring: no gain on RouterBench, adds drift
+    online: bool = False  # see the module docstring: no headroom on RouterBench at 30%
     # predictors
     predictor: Literal["random_forest", "mlp", "knn"] = "knn"
     n_estimators: int = Field(default=100, ge=1)
