@@ -22,7 +22,17 @@ class NoParams(BaseModel):
 
 @runtime_checkable
 class Policy(Protocol):
-    """What the engine calls. `route` must do O(#LLMs) work: precompute in `setup`."""
+    """What the engine calls. `route` must do O(#LLMs) work: precompute in `setup`.
+
+    Cluster-change hooks, each called once per scenario event, after the cluster (and the
+    `ClusterView` the next `route` sees) reflects the change:
+
+    - `on_llm_added(llm)`: a deployment joined (`add_llm`); `llm` carries its list prices.
+    - `on_llm_removed(name)`: a deployment left (`remove_llm`).
+    - `on_price_changed(llm)`: a present deployment's list prices changed (`price_change`);
+      `llm` carries the prices now in force. A policy that caches prices (or anything derived
+      from them) refreshes it here instead of watching the view's price arrays.
+    """
 
     name: str
     uses_ground_truth: bool
@@ -38,6 +48,8 @@ class Policy(Protocol):
     def on_llm_added(self, llm: LLMInfo) -> None: ...
 
     def on_llm_removed(self, name: str) -> None: ...
+
+    def on_price_changed(self, llm: LLMInfo) -> None: ...
 
 
 class BasePolicy:
@@ -72,4 +84,7 @@ class BasePolicy:
         return None
 
     def on_llm_removed(self, name: str) -> None:
+        return None
+
+    def on_price_changed(self, llm: LLMInfo) -> None:
         return None

@@ -7,7 +7,8 @@ stop as soon as a scorer trusts the answer. Here:
   among the LLMs that are Pareto-efficient on the training rows (no cheaper LLM is as good),
   every cost-ordered chain of 2..`max_chain` of them is simulated over the `accept_threshold`
   grid, and the chain whose curve has the largest area under its non-decreasing hull (the
-  AIQ criterion, common cost range) wins;
+  AIQ criterion, common cost range) wins; a learned chain is re-chosen when a deployment
+  joins, when a rung leaves, or when a price changes;
 - after each answer, the acceptance rule is P(answer good | judge score, predicted quality of
   that LLM on this query) >= `accept_threshold`, a per-LLM logistic calibration fitted on the
   training rows with simulated judge scores (realised quality + N(0, judge_noise), clipped
@@ -240,6 +241,12 @@ class CascadeRouter(LearnedRouter):
     def on_llm_removed(self, name: str) -> None:
         super().on_llm_removed(name)
         if self._auto_chain and name in self.chain and len(self.llms) >= 1:
+            self.chain = self._learn_chain(list(self.llms.values()))
+
+    def on_price_changed(self, llm: LLMInfo) -> None:
+        super().on_price_changed(llm)
+        # The learned chain is the cost/quality Pareto set ordered by cost at list prices.
+        if self._auto_chain and llm.name in self.llms:
             self.chain = self._learn_chain(list(self.llms.values()))
 
 

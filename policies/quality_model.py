@@ -425,6 +425,12 @@ class LearnedRouter(BasePolicy):
     def on_llm_removed(self, name: str) -> None:
         self.llms.pop(name, None)
 
+    def on_price_changed(self, llm: LLMInfo) -> None:
+        """Keep `llms` at the prices in force (subclasses re-derive what they chose from
+        them); `reference` and cost units fixed at setup stay, so the knob keeps its meaning."""
+        if llm.name in self.llms:
+            self.llms[llm.name] = llm
+
     # -- helpers for subclasses
     def _mean_fit_cost(self, llm: LLMInfo) -> float:
         rows = self.split.fit_rows

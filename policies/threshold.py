@@ -11,8 +11,8 @@ on validation exactly round(s * n_valid) queries (up to ties) go to the strong L
 Default pair: strong = the reference LLM (else the best on training rows); weak = the best
 LLM on training rows among those at least `weak_cost_ratio` times cheaper than the strong one.
 Members of the pair not given as params are re-chosen (and the classifier refitted on the
-training rows) when a deployment joins, or when a member leaves; a member that cannot take a
-request (or was given and has left) is covered by the other one.
+training rows) when a deployment joins, when a member leaves, or when a price changes; a
+member that cannot take a request (or was given and has left) is covered by the other one.
 """
 
 from __future__ import annotations
@@ -92,6 +92,12 @@ class ThresholdRouter(LearnedRouter):
     def on_llm_removed(self, name: str) -> None:
         super().on_llm_removed(name)
         if name in (self.strong, self.weak):
+            self._repair()
+
+    def on_price_changed(self, llm: LLMInfo) -> None:
+        super().on_price_changed(llm)
+        # The default weak member is chosen by its cost ratio to the strong one.
+        if llm.name in self.llms:
             self._repair()
 
     def _repair(self) -> None:

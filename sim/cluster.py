@@ -41,7 +41,9 @@ class Job:
         "ttft_s",
         "primary",
         "token",
-        "first",
+        "round",
+        "answer",
+        "reject_reason",
     )
 
     def __init__(self, rid: int, dep: Deployment, enq_s: float, deadline: float, primary: bool):
@@ -57,7 +59,11 @@ class Job:
         self.ttft_s = 0.0
         self.primary = primary
         self.token = 0
-        self.first = False  # the request's first call: uses the precomputed service draws
+        # Key of the job's noise (sim.engine.Inputs): the routing round (not Query.attempt,
+        # which counts LLM calls) and its place in the decision (0 = primary).
+        self.round = 0
+        self.answer = 0
+        self.reject_reason = -1  # a sim.record REJECT_* code once rejected
 
 
 class Deployment:

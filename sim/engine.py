@@ -5,7 +5,8 @@ when down, full or rate-limited) -> wait (abandoned when the user's patience run
 service -> completion (quality and cost realised) -> maybe feedback after a delay.
 A job that fails in an outage is re-offered to the policy up to `run.max_retries` times;
 queued jobs of a removed deployment are re-offered (not counted as retries).
-Every request ends in exactly one recorded outcome.
+Every request ends in exactly one recorded outcome; a rejection also records why
+(`reject_reason`: down, rate_limited, queue_full or removed).
 
 Two exact shortcuts keep the event loop lean (one SimPy event per arrival and one per
 service): abandonment and feedback delivery are evaluated lazily. A queued job whose
@@ -35,6 +36,10 @@ from sim.record import (
     ABANDONED,
     COMPLETED,
     FAILED,
+    REJECT_DOWN,
+    REJECT_QUEUE_FULL,
+    REJECT_RATE_LIMITED,
+    REJECT_REMOVED,
     REJECTED,
     GrowingColumns,
     RequestRecorder,
@@ -56,20 +61,64 @@ def subsystem_seed(seed: int, name: str) -> np.random.SeedSequence:
     return np.random.SeedSequence(seed).spawn(len(SUBSYSTEMS))[SUBSYSTEMS.index(name)]
 
 
+def keyed_rng(
+    stream: np.random.SeedSequence, rid: int, attempt: int, answer: int
+) -> np.random.Generator:
+    """The generator of one (request, attempt, answer) within a subsystem's `stream`.
+
+    A pure function of its arguments, so the draw a job gets does not depend on what else
+    happened before it in the run (common random numbers across policies). The key extends
+    the subsystem's spawn key, so it never coincides with the subsystem's own sequential
+    stream (which feeds the pre-drawn arrays) nor with another subsystem's keys.
+    """
+    return np.random.default_rng(
+        np.random.SeedSequence(stream.entropy, spawn_key=(*stream.spawn_key, rid, attempt, answer))
+    )
+
+
 @dataclass(frozen=True, eq=False)
 class Inputs:
-    """Everything exogenous for one (scenario, seed): identical for every policy."""
+    """Everything exogenous for one (scenario, seed): identical for every policy.
+
+    Per-job noise (service-time overrides, judge scores) is keyed on (request id, attempt,
+    answer): `attempt` is the request's routing round (0 = its first route; +1 for each
+    retry after a failure or escalation, not for a re-offer after a removal, since that job
+    never ran) and `answer` the job's place in its decision (0 = primary, i = i-th top-k
+    extra). Note that `Query.attempt` counts LLM calls instead. The overwhelmingly common
+    key (rid, 0, 0) is pre-drawn in batch; any other is drawn from `keyed_rng` on demand.
+    """
 
     workload: Workload
     arrival_s: np.ndarray
     rows: np.ndarray
     users: object  # sim.feedback.UserDraws
-    exp1: np.ndarray  # Exp(1) per request: service-time override draws (common numbers)
-    norm: np.ndarray  # N(0, 1) per request
+    exp1: np.ndarray  # Exp(1) per request: the first answer's service-time override draw
+    norm: np.ndarray  # N(0, 1) per request: the same for lognormal overrides
+    judge_z: np.ndarray  # N(0, 1) per request: the judge's noise on the first answer
+    service_stream: np.random.SeedSequence
+    judge_stream: np.random.SeedSequence
+
+    def service_exp1(self, rid: int, attempt: int, answer: int) -> float:
+        """Exp(1) draw of one job's service-time override (exponential kind)."""
+        if attempt or answer:
+            return float(keyed_rng(self.service_stream, rid, attempt, answer).exponential())
+        return float(self.exp1[rid])
+
+    def service_norm(self, rid: int, attempt: int, answer: int) -> float:
+        """N(0, 1) draw of one job's service-time override (lognormal kind)."""
+        if attempt or answer:
+            return float(keyed_rng(self.service_stream, rid, attempt, answer).standard_normal())
+        return float(self.norm[rid])
+
+    def judge_normal(self, rid: int, attempt: int, answer: int) -> float:
+        """N(0, 1) draw behind the judge's score of one job's answer."""
+        if attempt or answer:
+            return float(keyed_rng(self.judge_stream, rid, attempt, answer).standard_normal())
+        return float(self.judge_z[rid])
 
 
 def prepare_inputs(scenario: Scenario, workload: Workload, seed: int) -> Inputs:
-    """Arrivals, query rows and user behaviour for a seed, computed in batch."""
+    """Arrivals, query rows, user behaviour and first-answer noise for a seed, in batch."""
     from sim.workload import sample_query_rows
 
     rngs = subsystem_rngs(seed)
@@ -78,8 +127,17 @@ def prepare_inputs(scenario: Scenario, workload: Workload, seed: int) -> Inputs:
     rows = sample_query_rows(workload, scenario.workload, t, mix_changes, rngs["sampling"])
     users = draw_users(t.size, scenario.users, scenario.feedback, rngs["users"], rngs["feedback"])
     svc = rngs["service"]
+    n = t.size
     return Inputs(
-        workload, t, rows, users, svc.exponential(1.0, t.size), svc.standard_normal(t.size)
+        workload,
+        t,
+        rows,
+        users,
+        svc.exponential(1.0, n),
+        svc.standard_normal(n),
+        rngs["judge"].standard_normal(n),
+        subsystem_seed(seed, "service"),
+        subsystem_seed(seed, "judge"),
     )
 
 
@@ -129,11 +187,6 @@ class Simulation:
         self.progress = progress
         self.env = simpy.Environment()
         rngs = subsystem_rngs(seed)
-        self.service_rng = rngs["service"]
-        self.judge_rng = rngs["judge"]
-        # Fresh service stream for retries/escalations: the per-request draws in `inputs`
-        # already consumed the first numbers of the "service" stream.
-        self.service_rng = np.random.default_rng(subsystem_seed(seed, "service").spawn(1)[0])
         all_specs = scenario.all_llms()
         self.cluster = Cluster(all_specs, self.wl, [s.name for s in scenario.llms])
         self.names = [s.name for s in all_specs]
@@ -273,8 +326,9 @@ class Simulation:
             self._deliver_feedback(now)
         self._expire_all(now)
 
-    def _offer(self, rid: int, attempt: int, now: float) -> None:
-        """Ask the policy and submit its decision's job(s)."""
+    def _offer(self, rid: int, attempt: int, now: float, rnd: int = 0) -> None:
+        """Ask the policy and submit its decision's job(s); `rnd` is the routing round that
+        keys their noise (see `Inputs`), `attempt` the LLM calls made so far."""
         if attempt:
             self._observe(now)
         view = self.cluster.view
@@ -297,11 +351,11 @@ class Simulation:
             self._record_decision(rid, dec, view)
         if dec.extra:
             self._topk[rid] = _TopK(1 + len(dec.extra), dec.keep, [], [])
-            self._submit(rid, dec.llm, now, True)
-            for name in dec.extra:
-                self._submit(rid, name, now, False)
+            self._submit(rid, dec.llm, now, rnd, 0)
+            for k, name in enumerate(dec.extra, 1):
+                self._submit(rid, name, now, rnd, k)
         else:
-            self._submit(rid, dec.llm, now, True)
+            self._submit(rid, dec.llm, now, rnd, 0)
 
     def _record_decision(self, rid: int, dec: Decision, view) -> None:
         if dec.scores is None and not dec.terms:
@@ -325,7 +379,7 @@ class Simulation:
                 else:
                     mat[rid, cand] = vals
 
-    def _submit(self, rid: int, name: str, now: float, primary: bool) -> None:
+    def _submit(self, rid: int, name: str, now: float, rnd: int, answer: int) -> None:
         d = self.cluster.by_name.get(name)
         if d is None or not d.present:
             present = ", ".join(self.cluster.view.names)
@@ -334,14 +388,16 @@ class Simulation:
                 f"the cluster at t={now:.3f}s; choose one of: {present}",
                 field="decision.llm",
             )
-        first = primary and self._attempts[rid] == 0
         self._attempts[rid] += 1
         # Patience is spent only while queued: a re-offered request keeps what is left.
         left = self._patience_l[rid] - (0.0 if rid in self._topk else self._wait[rid])
-        job = Job(rid, d, now, now + max(0.0, left), primary)
-        job.first = first
+        job = Job(rid, d, now, now + max(0.0, left), answer == 0)
+        if rnd or answer:
+            job.round = rnd
+            job.answer = answer
         if d.n_up == 0 or not d.take_rate_token(now):
             job.state = DONE
+            job.reject_reason = REJECT_DOWN if d.n_up == 0 else REJECT_RATE_LIMITED
             self._job_ended(job, REJECTED, now)
             return
         r = d.free_replica() if d.n_queued == 0 else -1
@@ -349,6 +405,7 @@ class Simulation:
             self._start(job, r, now)
         elif d.n_queued >= d.spec.max_queue:
             job.state = DONE
+            job.reject_reason = REJECT_QUEUE_FULL
             self._job_ended(job, REJECTED, now)
         else:
             self._seq += 1
@@ -384,15 +441,13 @@ class Simulation:
 
     def _override_service(self, job: Job) -> float:
         o = job.dep.spec.service
-        first = job.first
         if o.kind == "deterministic":
             return o.mean_s
         if o.kind == "exponential":
-            e = self.inp.exp1[job.rid] if first else self.service_rng.exponential()
-            return o.mean_s * float(e)
-        z = self.inp.norm[job.rid] if first else self.service_rng.standard_normal()
+            return o.mean_s * self.inp.service_exp1(job.rid, job.round, job.answer)
+        z = self.inp.service_norm(job.rid, job.round, job.answer)
         s2 = math.log1p(o.cv**2)
-        return math.exp(math.log(o.mean_s) - s2 / 2 + math.sqrt(s2) * float(z))
+        return math.exp(math.log(o.mean_s) - s2 / 2 + math.sqrt(s2) * z)
 
     # ----------------------------------------------------------------------- completion
     def _on_complete(self, ev) -> None:
@@ -463,13 +518,13 @@ class Simulation:
                     # Keep the answer in hand: if the escalation never completes, the user
                     # still gets this one (it was paid for).
                     self._answered[rid] = (qual, job)
-                    self._submit(rid, nxt.llm, t, True)
+                    self._submit(rid, nxt.llm, t, job.round + 1, 0)
                     return
             self._answered.pop(rid, None)
             self._finish(rid, COMPLETED, t, job, qual)
         elif outcome == FAILED and cols["retries"][rid] < self.sc.run.max_retries:
             cols["retries"][rid] += 1
-            self._offer(rid, self._attempts[rid], t)
+            self._offer(rid, self._attempts[rid], t, job.round + 1)
         elif rid in self._answered:
             qual, kept = self._answered.pop(rid)
             self._finish(rid, COMPLETED, t, kept, qual)
@@ -506,7 +561,7 @@ class Simulation:
         cols = self.rec.cols
         if tk.failed and cols["retries"][rid] < self.sc.run.max_retries:
             cols["retries"][rid] += 1
-            self._offer(rid, self._attempts[rid], t)
+            self._offer(rid, self._attempts[rid], t, job.round + 1)
         else:
             self._finish(rid, outcome, t, job)
 
@@ -520,7 +575,8 @@ class Simulation:
     def _ask_escalation(self, job: Job, qual: float, now: float) -> Decision | None:
         self._observe(now)
         noise = self.sc.judge.noise
-        score = qual + (noise * float(self.judge_rng.standard_normal()) if noise else 0.0)
+        score = qual + (noise * self.inp.judge_normal(job.rid, job.round, job.answer)
+                        if noise else 0.0)
         ans = Answer(job.dep.name, min(1.0, max(0.0, score)), job.cost_usd, now - job.enq_s)
         view = self.cluster.view
         view.now = now
@@ -541,6 +597,8 @@ class Simulation:
         cols["outcome"][rid] = outcome
         cols["end_s"][rid] = t
         cols["llm"][rid] = job.dep.idx
+        if outcome == REJECTED:
+            cols["reject_reason"][rid] = job.reject_reason
         arr = self._arr_l[rid]
         if outcome == COMPLETED:
             if wait is not None:
@@ -599,9 +657,10 @@ class Simulation:
                 job.state = CANCELLED
                 self._add_wait(job, now - job.enq_s)
                 if job.rid in self._topk:  # a fan-out copy is dropped, not re-offered
+                    job.reject_reason = REJECT_REMOVED
                     self._job_ended(job, REJECTED, now)
-                else:
-                    self._offer(job.rid, self._attempts[job.rid], now)
+                else:  # same round: the job never ran, so its noise is still unused
+                    self._offer(job.rid, self._attempts[job.rid], now, job.round)
         elif act == "outage":
             o = e.outage
             d = cl.by_name[o.llm]
@@ -635,6 +694,12 @@ class Simulation:
             if p.price_out_per_mtok is not None:
                 d.price_out = p.price_out_per_mtok
             cl.refresh_prices(d)
+            # An absent deployment is unknown to the policy; it learns the new prices from
+            # on_llm_added's LLMInfo if the deployment joins later.
+            if d.present:
+                self.policy.on_price_changed(
+                    LLMInfo(d.name, d.spec.model_name, d.col, d.price_in, d.price_out)
+                )
             self.events.append(now, act, d.name, f"in={d.price_in} out={d.price_out}")
         elif act == "slowdown":
             s = e.slowdown

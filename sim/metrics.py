@@ -21,6 +21,10 @@ import polars as pl
 from sim.record import OUTCOMES
 from sim.scenario import Scenario
 
+# Rejections that say demand exceeded what the LLM admits. "down" and "removed" do not: a
+# down or removed deployment rejects whatever the load.
+LOAD_REJECT_REASONS = ("queue_full", "rate_limited")
+
 SUMMARY_KEYS = (
     "scenario",
     "policy",
@@ -57,8 +61,10 @@ def saturation_labels(timeline: pl.DataFrame, scenario: Scenario,
     """Per LLM over the arrival period after warm-up, cut into windows of
     max(60 s, 1/12 of the period) so a 10-minute spike is not averaged away:
 
-    - overloaded: it rejected requests, or in some window its queue grew by more than its
-      capacity (demand above service rate, a backlog building);
+    - overloaded: it rejected requests for load (`rejected_by_llm` counts only rejections
+      with a reason in LOAD_REJECT_REASONS: a full queue or its rate limit; rejections while
+      it was down in an outage, or removed, say nothing about load), or in some window its
+      queue grew by more than its capacity (demand above service rate, a backlog building);
     - backlogged: in some window a queue was present in more than half of the samples;
     - stable: otherwise.
     """
@@ -98,7 +104,7 @@ def summarize(
     # Only the columns used here: the full frame is ~50 columns and 1M rows can be large.
     m = requests.select(
         "arrival_s", "outcome", "quality", "ref_quality", "cost_usd", "ref_cost_usd",
-        "wait_s", "latency_s", "llm",
+        "wait_s", "latency_s", "llm", "reject_reason",
     ).filter(pl.col("arrival_s") >= scenario.warmup_s)
     n = m.height
     counts = {o: int((m["outcome"] == o).sum()) for o in OUTCOMES}
@@ -119,7 +125,9 @@ def summarize(
     if routed.height:
         vc = routed["llm"].value_counts()
         shares = {r["llm"]: r["count"] / routed.height for r in vc.iter_rows(named=True)}
-    rej = m.filter(pl.col("outcome") == "rejected")
+    rej = m.filter(
+        (pl.col("outcome") == "rejected") & pl.col("reject_reason").is_in(LOAD_REJECT_REASONS)
+    )
     rej_by = (
         {r["llm"]: r["count"] for r in rej["llm"].value_counts().iter_rows(named=True)}
         if rej.height

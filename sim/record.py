@@ -21,6 +21,11 @@ import polars as pl
 COMPLETED, REJECTED, ABANDONED, FAILED, IN_FLIGHT = 0, 1, 2, 3, 4
 OUTCOMES = ("completed", "rejected", "abandoned", "failed", "in_flight")
 
+# Why a request was rejected (one per rejected request). Kept apart because only some are
+# load: a down deployment or a removed one rejects whatever the load.
+REJECT_DOWN, REJECT_RATE_LIMITED, REJECT_QUEUE_FULL, REJECT_REMOVED = 0, 1, 2, 3
+REJECT_REASONS = ("down", "rate_limited", "queue_full", "removed")
+
 # name -> (numpy dtype, fill value). Times in seconds from the start of the run.
 REQUEST_COLUMNS: dict[str, tuple[str, float | int]] = {
     "arrival_s": ("f8", np.nan),
@@ -29,6 +34,7 @@ REQUEST_COLUMNS: dict[str, tuple[str, float | int]] = {
     "input_tokens": ("i4", 0),
     "llm": ("i2", -1),  # index into the run's LLM names; the deployment whose answer was kept
     "outcome": ("i1", IN_FLIGHT),
+    "reject_reason": ("i1", -1),  # one of REJECT_REASONS when rejected; null otherwise
     "attempts": ("i2", 0),  # LLM calls made (retries, escalations, top-k fan-out)
     "retries": ("i2", 0),  # re-offers after an outage failure
     "start_s": ("f8", np.nan),  # service start of the kept answer
@@ -78,9 +84,13 @@ class RequestRecorder:
         names = pl.Series("n", self.llm_names + [None], dtype=pl.Utf8)
         llm_idx = self.cols["llm"].astype(np.int64)
         llm_idx = np.where(llm_idx < 0, len(self.llm_names), llm_idx)
+        reasons = pl.Series("r", [*REJECT_REASONS, None], dtype=pl.Utf8)
+        reason_idx = self.cols["reject_reason"].astype(np.int64)
+        reason_idx = np.where(reason_idx < 0, len(REJECT_REASONS), reason_idx)
         df = df.with_columns(
             pl.Series("llm", names.gather(llm_idx)),
             pl.Series("outcome", np.array(OUTCOMES)[self.cols["outcome"]]),
+            pl.Series("reject_reason", reasons.gather(reason_idx)),
         ).with_columns(
             pl.when(pl.col("feedback") >= 0).then(pl.col("feedback")).otherwise(None)
             .alias("feedback")

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from routing_workloads import context, learnable_workload, llm_infos, reference
+from routing_workloads import MODELS, context, learnable_workload, llm_infos, reference
 
 from policies import registry
 from policies.cascade import ACCEPT_GRID
 from reports.frontier import SingleLLM
 from sim.context import request_cost_usd
 from sim.offline import evaluate_offline, idle_view
-from sim.types import SPLIT_TEST, Answer, Query
+from sim.types import SPLIT_TEST, Answer, LLMInfo, Query
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +141,14 @@ def test_added_llm_joins_a_learned_chain(wl):
     assert pol.chain[0] == "small"
     pol.on_llm_removed("small")
     assert "small" not in pol.chain
+
+
+def test_a_price_change_re_learns_the_chain(wl):
+    pol = registry.create("cascade", {"accept_threshold": 0.5})
+    pol.setup(context(wl, llm_infos()))
+    assert pol.chain[0] == "small"
+    # `small` now costs more than `large` while being worse: no longer Pareto-efficient.
+    pol.on_price_changed(LLMInfo("small", "small", MODELS.index("small"), 100.0, 100.0))
+    assert "small" not in pol.chain
+    prices = {x.name: x.price_out_per_mtok for x in pol.llms.values()}
+    assert [prices[n] for n in pol.chain] == sorted(prices[n] for n in pol.chain)

@@ -72,7 +72,9 @@ def test_rate_limit_rejects_excess():
     done = req.filter(pl.col("outcome") == "completed").height
     # A 1/s token bucket with a 1 s burst admits at most 1 per second plus the burst.
     assert done <= 200 * 1.0 + 1
-    assert req.filter(pl.col("outcome") == "rejected").height >= req.height - done
+    rej = req.filter(pl.col("outcome") == "rejected")
+    assert rej.height >= req.height - done
+    assert (rej["reject_reason"] == "rate_limited").all()
 
 
 def test_refined_feedback_is_continuous():

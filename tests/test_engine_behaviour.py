@@ -140,6 +140,45 @@ def test_price_change_changes_cost():
     assert (req.filter(pl.col("start_s") < 100)["cost_usd"] > 0).all()
 
 
+class PriceWatcher(Fixed):
+    """Records every on_price_changed call and the view prices of the next decision."""
+
+    name = "price_watcher_test"
+
+    def __init__(self):
+        super().__init__(prefs=("gpt-4",))
+        self.changes = []  # (LLMInfo, index of the next decision)
+        self.seen = []  # (view.now, gpt-4's in price, mistral-7b's in price) per decision
+
+    def route(self, query, view):
+        self.seen.append((view.now, *view.price_in_per_mtok[[view.index("gpt-4"),
+                                                             view.index("mistral-7b")]]))
+        return super().route(query, view)
+
+    def on_price_changed(self, llm):
+        self.changes.append((llm, len(self.seen)))
+
+
+def test_price_change_fires_the_policy_hook_once_per_event_with_the_new_prices():
+    sc = scenario(duration_s=300, llms=[llm("gpt-4", slots=100), llm("mistral-7b", slots=100)],
+                  run={"drain_s": None},
+                  events=[{"at_s": 100, "price_change": {"llm": "gpt-4", "price_in_per_mtok": 5.0}},
+                          {"at_s": 200, "price_change": {"llm": "mistral-7b",
+                                                         "price_in_per_mtok": 1.0,
+                                                         "price_out_per_mtok": 2.0}}])
+    pol = PriceWatcher()
+    run(sc, pol)
+    got = [(x.name, x.model, x.price_in_per_mtok, x.price_out_per_mtok) for x, _ in pol.changes]
+    # An omitted price keeps its value (gpt-4's output price stays 30).
+    assert got == [("gpt-4", "gpt-4", 5.0, 30.0), ("mistral-7b", "mistral-7b", 1.0, 2.0)]
+    # Fired between the last decision before the event and the first one after it, when the
+    # view already shows the new prices.
+    for (info, nxt), at in zip(pol.changes, (100.0, 200.0), strict=True):
+        assert pol.seen[nxt - 1][0] < at <= pol.seen[nxt][0]
+        col = 1 if info.name == "gpt-4" else 2
+        assert pol.seen[nxt][col] == info.price_in_per_mtok
+
+
 def test_topk_pays_for_every_answer_and_keeps_the_best():
     sc = scenario(duration_s=200, llms=[llm("gpt-4", slots=100),
                                         llm("mistral-7b", slots=100, price_in_per_mtok=0.2,
@@ -248,3 +287,23 @@ def test_overload_is_labelled():
     s = summarize(res.requests, res.timeline, sc, "fixed", sc.seed)
     assert s["saturation"]["gpt-4"] == "overloaded"
     assert s["saturation"]["mistral-7b"] == "stable"
+    rej = res.requests.filter(pl.col("outcome") == "rejected")
+    assert rej.height > 0 and (rej["reject_reason"] == "queue_full").all()
+
+
+def test_rejections_during_an_outage_are_not_overload():
+    # gpt-4 has ample slots for 1 request/s; while it is down every request sent to it is
+    # rejected, which says nothing about its load.
+    sc = scenario(duration_s=300, arrivals={"kind": "poisson", "rate_per_s": 1.0},
+                  llms=[llm("gpt-4", slots=100), llm("mistral-7b", slots=100)],
+                  events=[{"at_s": 100, "outage": {"llm": "gpt-4", "duration_s": 100}}],
+                  run={"drain_s": None, "max_retries": 0})
+    res, _ = run(sc, Fixed(prefs=("gpt-4",)))
+    req = res.requests
+    rej = req.filter(pl.col("outcome") == "rejected")
+    assert rej.height > 50
+    assert (rej["reject_reason"] == "down").all() and (rej["llm"] == "gpt-4").all()
+    assert req.filter(pl.col("outcome") != "rejected")["reject_reason"].is_null().all()
+    s = summarize(req, res.timeline, sc, "fixed", sc.seed)
+    assert s["rejected"] == rej.height
+    assert s["saturation"]["gpt-4"] == "stable"

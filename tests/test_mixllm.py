@@ -1,14 +1,17 @@
 """MixLLM policy: the documented score, LinUCB algebra, latency penalty, LLM changes, params.
 
-Every workload here is synthetic and built in this file; each test runs in well under a
-second (kNN predictors on a few hundred rows).
+Every workload here is synthetic and built in this file (the price-change test runs a small
+scenario through the engine); each test runs in well under a second (kNN predictors on a few
+hundred rows).
 """
 
 from __future__ import annotations
 
 import numpy as np
+import polars as pl
 import pytest
 
+import helpers
 from policies import registry
 from policies.mixllm.decision import (
     LinUCBBank,
@@ -20,8 +23,10 @@ from policies.mixllm.decision import (
 )
 from policies.mixllm.policy import MixLLMPolicy
 from sim.context import context_for
+from sim.engine import Simulation, prepare_inputs
 from sim.errors import PolicyError
 from sim.offline import evaluate_offline, idle_view
+from sim.runner import build_workload
 from sim.types import (
     SPLIT_TEST,
     SPLIT_TRAIN,
@@ -415,3 +420,35 @@ def test_setup_with_no_initial_llm_then_llms_joining():
         pol.on_llm_added(llm)
     row = int(wl.rows(SPLIT_TEST)[0])
     assert pol.route(query(wl, 0, row), idle_view(llms)).llm in wl.models
+
+
+# --------------------------------------------------------------------------- price changes
+def test_price_change_reprices_the_cost_term_and_moves_traffic():
+    """The engine's price_change reaches MixLLM through on_price_changed: gpt-4's recorded
+    cost term (predicted cost / the cost unit fixed at setup) falls with its price, and
+    traffic moves to it."""
+    at = 150.0
+    sc = helpers.scenario(
+        duration_s=300,
+        llms=[helpers.llm("gpt-4", slots=100),
+              helpers.llm("mistral-7b", slots=100, price_in_per_mtok=0.2, price_out_per_mtok=0.2)],
+        events=[{"at_s": at, "price_change": {"llm": "gpt-4", "price_in_per_mtok": 0.01,
+                                              "price_out_per_mtok": 0.01}}],
+        run={"drain_s": None},
+    )
+    inputs = prepare_inputs(sc, build_workload(sc, sc.seed), sc.seed)
+    req = Simulation(sc, registry.create("mixllm"), inputs, seed=sc.seed).run().requests
+    before = req.filter(pl.col("arrival_s") < at)
+    after = req.filter(pl.col("arrival_s") >= at)
+    # Against mistral-7b's unchanged term, per request: gpt-4's price fell at least 1000x
+    # (10/30 -> 0.01/0.01 per Mtok), so the ratio's median falls by far more than 100x.
+    ratio = (pl.col("cost__gpt-4") / pl.col("cost__mistral-7b")).median()
+    r_before = before.select(ratio).item()
+    r_after = after.select(ratio).item()
+    assert r_after < r_before / 100
+
+    def share(frame: pl.DataFrame) -> float:
+        return frame.filter(pl.col("llm") == "gpt-4").height / frame.height
+
+    # Now cheaper than mistral-7b and predicted better: nearly always chosen (was ~75%).
+    assert share(after) > max(share(before), 0.9)

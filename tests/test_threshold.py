@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from routing_workloads import context, learnable_workload, llm_infos, reference
+from routing_workloads import MODELS, context, learnable_workload, llm_infos, reference
 
 from policies import registry
 from policies.threshold import SHARE_GRID
 from reports.frontier import SingleLLM
 from sim.errors import PolicyError
 from sim.offline import evaluate_offline, idle_view
-from sim.types import SPLIT_TEST, Query
+from sim.types import SPLIT_TEST, LLMInfo, Query
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +107,15 @@ def test_a_removed_member_of_a_learned_pair_is_replaced(wl):
     fixed.setup(context(wl, llm_infos()))
     fixed.on_llm_removed("mid")
     assert (fixed.strong, fixed.weak) == ("large", "mid")
+
+
+def test_a_price_change_re_chooses_a_learned_weak_member(wl):
+    pol = registry.create("threshold", {"strong_share": 0.3})
+    pol.setup(context(wl, llm_infos()))
+    assert pol.weak == "mid"
+    # `mid` at the strong LLM's prices is no longer weak_cost_ratio times cheaper.
+    pol.on_price_changed(LLMInfo("mid", "mid", MODELS.index("mid"), 10.0, 30.0))
+    assert pol.llms["mid"].price_out_per_mtok == 30.0
+    assert (pol.strong, pol.weak) == ("large", "small")
+    valid_p = pol.p_strong[pol.split.valid_rows]
+    assert abs(np.mean(valid_p >= pol.threshold) - 0.3) <= 1.0 / len(valid_p) + 1e-12

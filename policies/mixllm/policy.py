@@ -438,9 +438,6 @@ class MixLLMPolicy(BasePolicy):
         self._slots = np.array([self._slot[nm] for nm in self._names], dtype=np.int64)
         self._pin = np.array(pin, dtype=np.float64)
         self._pout = np.array(pout, dtype=np.float64)
-        # Byte snapshots of the prices: a cheap per-decision check for a price change.
-        self._pin_bytes = np.asarray(pin).tobytes()
-        self._pout_bytes = np.asarray(pout).tobytes()
         self._qc = np.ascontiguousarray(self.q_hat[:, cols])  # (n, L) predicted quality
         self._cc = self._costs(np.arange(len(self._in_tok)))  # (n, L) normalised cost
         self._base = self._qw * self._qc - self._cw * self._cc  # (n, L) static score
@@ -477,12 +474,7 @@ class MixLLMPolicy(BasePolicy):
         return self._wcols
 
     def route(self, query: Query, view: ClusterView) -> Decision:
-        if (
-            view.names is not self._names
-            or view is not self._view
-            or view.price_in_per_mtok.tobytes() != self._pin_bytes
-            or view.price_out_per_mtok.tobytes() != self._pout_bytes
-        ):
+        if view.names is not self._names or view is not self._view:
             self._bind(view)
         r = query.row
         if self._online:
@@ -611,6 +603,15 @@ class MixLLMPolicy(BasePolicy):
         """Forget the deployment; the other LLMs' predictors and matrices stay as they are."""
         self._slot.pop(name, None)
         self._info.pop(name, None)
+        self._names = None
+
+    def on_price_changed(self, llm: LLMInfo) -> None:
+        """Rebind on the next decision: the bound cost and static score arrays were priced at
+        the old list prices. The cost unit stays as at setup, so lambda keeps its meaning."""
+        if llm.name not in self._slot:
+            return
+        # _bind_known (feedback before any view) prices from _info, so it must be current.
+        self._info[llm.name] = llm
         self._names = None
 
 
