@@ -12,6 +12,10 @@ training rows that picks the default lambda, then
     a stream with binary feedback on every answer (online learning on) or without learning
     (offline-only); both are then scored on the test split (no more feedback), at the
     default lambda, over several random 30% subsets (paired: the same subset and stream).
+    With --workload synthetic, the same protocol on the built-in synthetic workload
+    (RouterBench-era catalog LLMs, --n-queries distinct queries): it needs no data file, and
+    its queries carry within-task signal a larger training set can learn, which RouterBench's
+    barely do (compare the full-information ceilings).
 (c) ablation: the defaults, then one part switched at a time (tags on, when the
     tag-enhanced encoder can run; uncertainty off; penalty off; the admission check off, with
     and without the penalty; online learning on: it is off by default), everything off, and
@@ -26,6 +30,7 @@ run, which takes minutes on CPU).
 
     python benchmarks/bench_mixllm.py [--part all|tune|frontier|online|ablation] [--seeds 10]
         [--data CSV] [--baselines knn,...] [--no-tags] [--params JSON]
+        [--workload routerbench|synthetic] [--n-queries 6000] [--offline-share 0.3]
 """
 
 from __future__ import annotations
@@ -72,6 +77,26 @@ def load(path: Path, encoder: str) -> tuple[Workload, list[LLMInfo], LLMInfo]:
         LLMInfo(m, m, wl.models.index(m), *ROUTERBENCH_PRICES_PER_MTOK[m]) for m in wl.models
     ]
     ref = next(x for x in llms if x.name == REFERENCE)
+    return wl, llms, ref
+
+
+# The synthetic workload's LLMs: the RouterBench-era catalog models (Llama 3.1 came later).
+SYNTHETIC_SEED = 7
+
+
+def load_synthetic(n_queries: int) -> tuple[Workload, list[LLMInfo], LLMInfo]:
+    from sim import catalog
+    from sim.workload import make_synthetic_workload
+
+    models = [m for m in catalog.known_models() if not m.startswith("llama-3.1")]
+    wl = make_synthetic_workload(
+        WorkloadSpec(source="synthetic", n_queries=n_queries), models, SYNTHETIC_SEED
+    )
+    llms = []
+    for i, m in enumerate(wl.models):
+        e = catalog.model_entry(m)
+        llms.append(LLMInfo(m, m, i, e.price_in_per_mtok, e.price_out_per_mtok))
+    ref = next(x for x in llms if x.name == "gpt-4")
     return wl, llms, ref
 
 
@@ -324,10 +349,20 @@ def main() -> None:
                     "minutes on CPU the first time, cached after)")
     ap.add_argument("--offline-share", type=float, default=0.3,
                     help="share of the training rows fitted offline in (b)")
+    ap.add_argument("--workload", default="routerbench", choices=["routerbench", "synthetic"],
+                    help="data of the online part (b); the other parts need RouterBench")
+    ap.add_argument("--n-queries", type=int, default=6000,
+                    help="distinct queries of the synthetic workload")
     ap.add_argument("--params", default="{}", help="JSON mixllm params for (b), e.g. "
                     "'{\"online_pg\": 1}'")
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
+    if args.workload == "synthetic":
+        if args.part != "online":
+            sys.exit("--workload synthetic runs the online part only: add --part online")
+        wl, llms, ref = load_synthetic(args.n_queries)
+        part_online(wl, llms, ref, args.seeds, json.loads(args.params), args.offline_share)
+        return
     path = data_path(args.data)
     if not path.is_file():
         sys.exit(f"no RouterBench data at {path}; pass --data CSV or set ROUTESIM_SHARED_DATA")

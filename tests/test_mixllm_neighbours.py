@@ -1,0 +1,94 @@
+"""MixLLM's neighbours critic: neighbour lists, the count posterior and its use in routing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_mixllm import infos, make_policy, make_workload, query
+
+from policies.mixllm import neighbours
+from policies.mixllm.neighbours import NeighbourPosterior, nearest_rows
+from sim.offline import idle_view
+from sim.types import SPLIT_TEST, Feedback
+
+
+def brute_nearest(x: np.ndarray, k: int) -> list[set[int]]:
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    sim = xn @ xn.T
+    return [set(np.argsort(-sim[i], kind="stable")[:k].tolist()) for i in range(len(x))]
+
+
+def test_nearest_rows_match_brute_force_across_chunks(monkeypatch):
+    monkeypatch.setattr(neighbours, "BLOCK_ENTRIES", 7 * 50)  # 7-row blocks, last partial
+    x = np.random.default_rng(0).normal(size=(50, 5))
+    got = nearest_rows(x, 6)
+    assert got.shape == (50, 6)
+    assert [set(r.tolist()) for r in got] == brute_nearest(x, 6)
+    assert all(i in set(got[i].tolist()) for i in range(50))  # a row is its own neighbour
+    assert nearest_rows(x[:4], 10).shape == (4, 4)  # k capped at the rows there are
+
+
+def test_observe_counts_each_answer_in_every_neighbourhood_holding_it():
+    rng = np.random.default_rng(1)
+    nbr = nearest_rows(rng.normal(size=(40, 3)), 5)
+    post = NeighbourPosterior(nbr, n_models=3)
+    rows = np.array([3, 3, 17, 25])
+    cols = np.array([0, 2, 0, 1])
+    rewards = np.array([1.0, 0.0, 1.0, 0.5])
+    changed = post.observe(rows, cols, rewards)
+    assert changed.tolist() == [0, 1, 2]
+    want_n, want_s = np.zeros((40, 3)), np.zeros((40, 3))
+    for i, c, r in zip(rows, cols, rewards, strict=True):
+        for j in range(40):
+            if i in nbr[j]:
+                want_n[j, c] += 1
+                want_s[j, c] += r
+    np.testing.assert_array_equal(post.count, want_n)
+    np.testing.assert_array_equal(post.total, want_s)
+    assert post.observe(np.empty(0, int), np.empty(0, int), np.empty(0)).size == 0
+
+
+def test_posterior_is_prior_worth_prior_n_answers_plus_observed_ones():
+    nbr = np.tile(np.arange(4), (4, 1))  # every row neighbours every row
+    post = NeighbourPosterior(nbr, n_models=2)
+    prior = np.full(4, 0.8)
+    np.testing.assert_allclose(post.posterior(0, prior, 20.0), 0.8)  # nothing seen yet
+    post.observe(np.arange(4).repeat(5), np.zeros(20, int), np.zeros(20))
+    # 20 answers, all wrong, against a prior worth 20 answers at 0.8: halfway.
+    np.testing.assert_allclose(post.posterior(0, prior, 20.0), 0.4)
+    np.testing.assert_allclose(post.posterior(1, prior, 20.0), 0.8)  # other model untouched
+    post.forget(0)
+    np.testing.assert_allclose(post.posterior(0, prior, 20.0), 0.8)
+
+
+def test_routing_uses_the_posterior_and_a_reset_forgets_it():
+    wl = make_workload(800)
+    llms = infos(wl)
+    pol = make_policy(wl, llms, online=True, uncertainty=False, penalty=False, update_every=4)
+    assert pol._net_on is False  # the default critic needs no network
+    view = idle_view(llms)
+    row = int(wl.rows(SPLIT_TEST)[0])
+    col = llms[0].model_col
+    before = pol.route(query(wl, 0, row), view).terms["quality"][0]
+    for i in range(8):
+        pol.feedback(Feedback(i, row, llms[0].name, 0.0, float(i)))
+    k = pol._online_prior_n
+    want = k * pol.q_hat[row, col] / (k + 8)  # 8 wrong answers of the query itself
+    after = pol.route(query(wl, 1, row), view).terms["quality"][0]
+    assert after == pytest.approx(want) and after < before
+    pol.set_tradeoff(3.0, reset=False)  # a sweep point keeping what was learned
+    assert pol.route(query(wl, 2, row), view).terms["quality"][0] == pytest.approx(want)
+    pol.set_tradeoff(3.0)  # reset: back to the offline prediction
+    assert pol.route(query(wl, 3, row), view).terms["quality"][0] == pytest.approx(before)
+
+
+def test_an_added_llm_learns_against_a_prior_worth_its_warm_start_rows():
+    wl = make_workload(800)
+    llms = infos(wl)
+    pol = make_policy(wl, llms[:2], online=True, warm_start_n=4, update_every=1)
+    pol.on_llm_added(llms[2])
+    col = llms[2].model_col
+    row = int(wl.rows(SPLIT_TEST)[0])
+    pol.feedback(Feedback(0, row, llms[2].name, 1.0, 0.0))
+    # One right answer against a prior worth 4: q = (4 q_off + 1) / 5 at the row itself.
+    assert pol._q_live[row, col] == pytest.approx((4 * pol.q_hat[row, col] + 1) / 5)
