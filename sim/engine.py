@@ -164,6 +164,7 @@ class _TopK:
     waits: list  # queueing time of each copy that started or gave up
     failed: bool = False
     finished: bool = False  # the primary answer was delivered; later copies only cost
+    primary_end: tuple | None = None  # (outcome, job) of the primary copy, once it ended
 
 
 class Simulation:
@@ -194,7 +195,8 @@ class Simulation:
         self.n = n
         self.rec = RequestRecorder(n, self.names)
         self.timeline = GrowingColumns(
-            ["t_s", "llm", "queue_len", "busy", "capacity", "up_replicas", "completed"]
+            ["t_s", "llm", "queue_len", "busy", "capacity", "up_replicas", "completed",
+             "load_rejected"]
         )
         self.events = GrowingColumns(["t_s", "kind", "llm", "detail"])
         self._fb_heap: list[tuple[float, int, Feedback]] = []
@@ -204,6 +206,10 @@ class Simulation:
         self._answered: dict[int, tuple[float, Job]] = {}  # escalated: the answer in hand
         self._in_system = 0
         self._done_count = [0] * len(all_specs)
+        # Per deployment, jobs it rejected for load (full queue, rate limit) after warm-up and
+        # before the end of arrivals. Counted per job, not per request: a fan-out copy or an
+        # escalation it turned away is load too, even if the request completed elsewhere.
+        self._load_rejected = [0] * len(all_specs)
         self._wants_answers = _overrides(policy, "on_answer")
         self._wants_feedback = _overrides(policy, "feedback")
         ref = scenario.llm(scenario.workload.reference_llm)
@@ -266,6 +272,8 @@ class Simulation:
         else:
             env.run(until=horizon)
         self._expire_all(env.now)
+        # A last sample, so the cumulative columns (completed, load_rejected) end complete.
+        self._sample(env.now)
         return self._result(env.now)
 
     def _drained(self):
@@ -281,23 +289,26 @@ class Simulation:
         self.env.process(check())
         return done
 
+    def _sample(self, now: float) -> None:
+        for d in self.cluster.present:
+            self.timeline.append(
+                now,
+                d.name,
+                d.n_queued,
+                d.busy,
+                d.up_replicas * d.spec.slots,
+                d.up_replicas,
+                self._done_count[d.idx],
+                self._load_rejected[d.idx],
+            )
+
     def _sampler(self):
         env = self.env
         step = self.sc.run.sample_every_s
-        tl = self.timeline
         while True:
             now = env.now
             self._expire_all(now)
-            for d in self.cluster.present:
-                tl.append(
-                    now,
-                    d.name,
-                    d.n_queued,
-                    d.busy,
-                    d.up_replicas * d.spec.slots,
-                    d.up_replicas,
-                    self._done_count[d.idx],
-                )
+            self._sample(now)
             if self.progress is not None:
                 self.progress(now)
             yield env.timeout(step)
@@ -397,7 +408,11 @@ class Simulation:
             job.answer = answer
         if d.n_up == 0 or not d.take_rate_token(now):
             job.state = DONE
-            job.reject_reason = REJECT_DOWN if d.n_up == 0 else REJECT_RATE_LIMITED
+            if d.n_up == 0:
+                job.reject_reason = REJECT_DOWN
+            else:
+                job.reject_reason = REJECT_RATE_LIMITED
+                self._count_load_rejection(d, now)
             self._job_ended(job, REJECTED, now)
             return
         r = d.free_replica() if d.n_queued == 0 else -1
@@ -406,6 +421,7 @@ class Simulation:
         elif d.n_queued >= d.spec.max_queue:
             job.state = DONE
             job.reject_reason = REJECT_QUEUE_FULL
+            self._count_load_rejection(d, now)
             self._job_ended(job, REJECTED, now)
         else:
             self._seq += 1
@@ -438,6 +454,10 @@ class Simulation:
         d.running[r].add(job)
         ev = self.env.timeout(svc, value=(job, job.token))
         ev.callbacks.append(self._on_complete)
+
+    def _count_load_rejection(self, d, now: float) -> None:
+        if self.sc.warmup_s <= now < self.sc.duration_s:
+            self._load_rejected[d.idx] += 1
 
     def _override_service(self, job: Job) -> float:
         o = job.dep.spec.service
@@ -544,6 +564,8 @@ class Simulation:
                              wait=job.start_s - job.enq_s)
         elif outcome == FAILED:
             tk.failed = True
+        if job.primary:
+            tk.primary_end = (outcome, job)
         tk.pending -= 1
         if tk.pending or tk.finished:
             if not tk.pending:
@@ -563,6 +585,9 @@ class Simulation:
             cols["retries"][rid] += 1
             self._offer(rid, self._attempts[rid], t, job.round + 1)
         else:
+            # No copy answered: the request ends as its primary copy did (the LLM the policy
+            # chose first and, if rejected, why), not as whichever copy ended last.
+            outcome, job = tk.primary_end or (outcome, job)
             self._finish(rid, outcome, t, job)
 
     def _add_wait(self, job: Job, dt: float) -> None:
@@ -696,10 +721,10 @@ class Simulation:
             cl.refresh_prices(d)
             # An absent deployment is unknown to the policy; it learns the new prices from
             # on_llm_added's LLMInfo if the deployment joins later.
-            if d.present:
-                self.policy.on_price_changed(
-                    LLMInfo(d.name, d.spec.model_name, d.col, d.price_in, d.price_out)
-                )
+            # getattr: the hook is optional for policies not built on BasePolicy.
+            hook = getattr(self.policy, "on_price_changed", None)
+            if d.present and hook is not None:
+                hook(LLMInfo(d.name, d.spec.model_name, d.col, d.price_in, d.price_out))
             self.events.append(now, act, d.name, f"in={d.price_in} out={d.price_out}")
         elif act == "slowdown":
             s = e.slowdown
@@ -753,6 +778,7 @@ class Simulation:
                 "capacity": pl.Int64,
                 "up_replicas": pl.Int64,
                 "completed": pl.Int64,
+                "load_rejected": pl.Int64,
             }
         )
         events = self.events.frame(

@@ -21,10 +21,6 @@ import polars as pl
 from sim.record import OUTCOMES
 from sim.scenario import Scenario
 
-# Rejections that say demand exceeded what the LLM admits. "down" and "removed" do not: a
-# down or removed deployment rejects whatever the load.
-LOAD_REJECT_REASONS = ("queue_full", "rate_limited")
-
 SUMMARY_KEYS = (
     "scenario",
     "policy",
@@ -61,10 +57,11 @@ def saturation_labels(timeline: pl.DataFrame, scenario: Scenario,
     """Per LLM over the arrival period after warm-up, cut into windows of
     max(60 s, 1/12 of the period) so a 10-minute spike is not averaged away:
 
-    - overloaded: it rejected requests for load (`rejected_by_llm` counts only rejections
-      with a reason in LOAD_REJECT_REASONS: a full queue or its rate limit; rejections while
-      it was down in an outage, or removed, say nothing about load), or in some window its
-      queue grew by more than its capacity (demand above service rate, a backlog building);
+    - overloaded: it rejected work for load (`rejected_by_llm`: jobs, fan-out copies and
+      escalations included, turned away because its queue was full or its rate limit hit;
+      rejections while it was down in an outage, or removed, say nothing about load), or
+      in some window its queue grew by more than its capacity (demand above service rate,
+      a backlog building);
     - backlogged: in some window a queue was present in more than half of the samples;
     - stable: otherwise.
     """
@@ -104,7 +101,7 @@ def summarize(
     # Only the columns used here: the full frame is ~50 columns and 1M rows can be large.
     m = requests.select(
         "arrival_s", "outcome", "quality", "ref_quality", "cost_usd", "ref_cost_usd",
-        "wait_s", "latency_s", "llm", "reject_reason",
+        "wait_s", "latency_s", "llm",
     ).filter(pl.col("arrival_s") >= scenario.warmup_s)
     n = m.height
     counts = {o: int((m["outcome"] == o).sum()) for o in OUTCOMES}
@@ -125,12 +122,15 @@ def summarize(
     if routed.height:
         vc = routed["llm"].value_counts()
         shares = {r["llm"]: r["count"] / routed.height for r in vc.iter_rows(named=True)}
-    rej = m.filter(
-        (pl.col("outcome") == "rejected") & pl.col("reject_reason").is_in(LOAD_REJECT_REASONS)
-    )
+    # Load rejections per job (the timeline's cumulative count, kept after warm-up only):
+    # a fan-out copy or escalation turned away counts although its request completed.
     rej_by = (
-        {r["llm"]: r["count"] for r in rej["llm"].value_counts().iter_rows(named=True)}
-        if rej.height
+        {
+            r["llm"]: int(r["load_rejected"])
+            for r in timeline.group_by("llm").agg(pl.col("load_rejected").max())
+            .iter_rows(named=True)
+        }
+        if not timeline.is_empty()
         else {}
     )
     return {

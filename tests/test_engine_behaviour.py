@@ -307,3 +307,74 @@ def test_rejections_during_an_outage_are_not_overload():
     s = summarize(req, res.timeline, sc, "fixed", sc.seed)
     assert s["rejected"] == rej.height
     assert s["saturation"]["gpt-4"] == "stable"
+
+
+class FanOut(BasePolicy):
+    """Primary gpt-4, one extra copy on mistral-7b."""
+
+    name = "fan-out"
+
+    def __init__(self, keep: str):
+        super().__init__()
+        self.keep = keep
+
+    def route(self, query, view):
+        return Decision("gpt-4", extra=("mistral-7b",), keep=self.keep)
+
+
+def fan_out_scenario(**kw):
+    # gpt-4 admits one request at a time and queues none: most primary copies are turned
+    # away for load; mistral-7b has room for everything.
+    return scenario(duration_s=300, arrivals={"kind": "poisson", "rate_per_s": 3.0},
+                    llms=[llm("gpt-4", slots=1, max_queue=0, decode_tps=5),
+                          llm("mistral-7b", slots=200, price_in_per_mtok=0.2,
+                              price_out_per_mtok=0.2)],
+                    run={"drain_s": None, "max_retries": 0}, **kw)
+
+
+def test_load_rejections_of_copies_count_although_the_request_completed():
+    sc = fan_out_scenario()
+    res, _ = run(sc, FanOut("best_realised"))
+    req = res.requests
+    assert (req["outcome"] == "completed").all()  # mistral-7b answered every request
+    s = summarize(req, res.timeline, sc, "fan-out", sc.seed)
+    assert s["rejected"] == 0
+    assert s["saturation"]["gpt-4"] == "overloaded"
+    assert s["saturation"]["mistral-7b"] == "stable"
+    # The timeline's per-job count covers the arrival period after warm-up only.
+    final = res.timeline.group_by("llm").agg(pl.col("load_rejected").max())
+    counts = dict(final.iter_rows())
+    assert counts["mistral-7b"] == 0 and counts["gpt-4"] > 100
+
+
+def test_a_fan_out_rejected_everywhere_is_recorded_as_its_primary_copy_ended():
+    # mistral-7b is down the whole run: its copy is rejected as "down"; gpt-4's primary copy
+    # is mostly rejected for a full queue, and that is what the request records.
+    sc = fan_out_scenario(events=[{"at_s": 0.0, "outage": {"llm": "mistral-7b",
+                                                           "duration_s": 10_000}}])
+    res, _ = run(sc, FanOut("best_realised"))
+    rej = res.requests.filter(pl.col("outcome") == "rejected")
+    assert rej.height > 100
+    assert (rej["llm"] == "gpt-4").all() and (rej["reject_reason"] == "queue_full").all()
+    s = summarize(res.requests, res.timeline, sc, "fan-out", sc.seed)
+    assert s["saturation"] == {"gpt-4": "overloaded", "mistral-7b": "stable"}
+
+
+class Bare:
+    """A policy not built on BasePolicy, with only the required methods."""
+
+    name = "bare"
+
+    def setup(self, ctx):
+        pass
+
+    def route(self, query, view):
+        return Decision(view.names[0])
+
+
+def test_a_policy_without_the_price_hook_runs_through_a_price_change():
+    sc = scenario(duration_s=100, llms=[llm("gpt-4"), llm("mistral-7b")],
+                  events=[{"at_s": 50, "price_change": {"llm": "gpt-4", "price_in_per_mtok": 1.0}}])
+    res, _ = run(sc, Bare())
+    assert (res.requests["outcome"] == "completed").all()
+    assert res.events.filter(pl.col("kind") == "price_change").height == 1
