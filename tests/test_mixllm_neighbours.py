@@ -92,3 +92,51 @@ def test_an_added_llm_learns_against_a_prior_worth_its_warm_start_rows():
     pol.feedback(Feedback(0, row, llms[2].name, 1.0, 0.0))
     # One right answer against a prior worth 4: q = (4 q_off + 1) / 5 at the row itself.
     assert pol._q_live[row, col] == pytest.approx((4 * pol.q_hat[row, col] + 1) / 5)
+
+
+def test_a_decisions_recorded_quality_does_not_move_with_later_feedback():
+    wl = make_workload(800)
+    llms = infos(wl)
+    pol = make_policy(wl, llms, online=True, update_every=1)
+    row = int(wl.rows(SPLIT_TEST)[0])
+    dec = pol.route(query(wl, 0, row), idle_view(llms))
+    held = dec.terms["quality"].copy()
+    pol.feedback(Feedback(0, row, llms[0].name, 0.0, 0.0))
+    np.testing.assert_array_equal(dec.terms["quality"], held)
+
+
+def test_both_uses_the_ridge_corrected_prediction_as_the_posteriors_prior():
+    wl = make_workload(800)
+    llms = infos(wl)
+    pol = make_policy(wl, llms, online=True, online_critic_kind="both", update_every=4,
+                      uncertainty=False)
+    row = int(wl.rows(SPLIT_TEST)[0])
+    col = llms[0].model_col
+    for i in range(8):  # 8 wrong answers of the query itself
+        pol.feedback(Feedback(i, row, llms[0].name, 0.0, float(i)))
+    k = pol._online_prior_n
+    delta = float(pol._net.correction(np.array([col]), pol._z[row])[0])
+    assert delta < 0  # the ridge learned that the offline prediction was too high
+    # Posterior mean with prior (offline + ridge correction) worth k answers, 8 zeros seen.
+    want = k * (pol.q_hat[row, col] + delta) / (k + 8)
+    got = pol.route(query(wl, 9, row), idle_view(llms)).terms["quality"][0]
+    assert got == pytest.approx(want)
+    # Not the sum of both critics' pulls (the same 8 answers counted twice): the ridge's
+    # correction enters with the prior's weight k / (k + 8) only.
+    posterior_alone = k * pol.q_hat[row, col] / (k + 8)
+    assert got - posterior_alone == pytest.approx(delta * k / (k + 8))
+    assert got > posterior_alone + delta
+
+
+def test_prices_in_force_survive_a_reset_of_what_was_learned():
+    wl = make_workload(800)
+    llms = infos(wl)
+    pol = make_policy(wl, llms, online=True)
+    cheap = llms[0]
+    dear_now = type(cheap)(cheap.name, cheap.model, cheap.model_col, 50.0, 50.0)
+    pol.on_price_changed(dear_now)
+    pol.set_tradeoff(3.0)  # reset
+    assert pol._info[cheap.name].price_in_per_mtok == 50.0
+    pol.feedback(Feedback(0, int(wl.rows(SPLIT_TEST)[0]), cheap.name, 1.0, 0.0))
+    pol.apply_feedback()  # binds from the known deployments: at the new price
+    assert pol._pin[pol._names.index(cheap.name)] == 50.0

@@ -214,8 +214,9 @@ def test_issue_protocol_online_beats_offline_on_the_synthetic_workload():
     predictors fitted on 30% of the training rows, binary feedback on every answer to the
     other 70%, then the test split scored without feedback, at the default lambda. Paired
     over 10 random 30% subsets; the claim is a gain more than 2 standard errors of the
-    paired mean (about a 2.5% one-sided false-alarm rate under no effect), without a dearer
-    mix (cost not up by 2 standard errors)."""
+    paired mean (a t statistic above 2 with 9 degrees of freedom: a 3.8% one-sided
+    false-alarm rate under no effect), without a dearer mix (cost not up by 2 standard
+    errors). Measured: +0.46 +- 0.13 quality points, -0.66 +- 0.20 cost points."""
     from policies import registry
     from sim import catalog
     from sim.context import context_for, training_set

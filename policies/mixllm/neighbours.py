@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import numpy as np
 
-# Entries per block of the all-pairs similarity (float32: 64 MiB), whatever n is.
-BLOCK_ENTRIES = 1 << 24
+# Entries per block of the all-pairs similarity, whatever n is: the block (float32) and its
+# argpartition (int64) take 48 MiB at most.
+BLOCK_ENTRIES = 1 << 22
 
 
 def nearest_rows(x: np.ndarray, k: int) -> np.ndarray:
-    """(n, k) int32: each row's k most cosine-similar rows of `x` (itself included)."""
+    """(n, k) int32: each row's k most cosine-similar rows of `x` (itself among them, unless
+    more than k rows are identical to it)."""
     n = x.shape[0]
     k = max(1, min(k, n))
     xn = x.astype(np.float32, copy=True)
@@ -38,7 +40,7 @@ def nearest_rows(x: np.ndarray, k: int) -> np.ndarray:
     for s in range(0, n, step):
         sim = xn[s : s + step] @ xn.T
         if k < n:
-            out[s : s + step] = np.argpartition(-sim, k - 1, axis=1)[:, :k]
+            out[s : s + step] = np.argpartition(sim, n - k, axis=1)[:, n - k :]
         else:
             out[s : s + step] = np.arange(n)
     return out
