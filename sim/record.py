@@ -81,16 +81,10 @@ class RequestRecorder:
         for name, arr in self.cols.items():
             data[name] = arr
         df = pl.DataFrame(data)
-        names = pl.Series("n", self.llm_names + [None], dtype=pl.Utf8)
-        llm_idx = self.cols["llm"].astype(np.int64)
-        llm_idx = np.where(llm_idx < 0, len(self.llm_names), llm_idx)
-        reasons = pl.Series("r", [*REJECT_REASONS, None], dtype=pl.Utf8)
-        reason_idx = self.cols["reject_reason"].astype(np.int64)
-        reason_idx = np.where(reason_idx < 0, len(REJECT_REASONS), reason_idx)
         df = df.with_columns(
-            pl.Series("llm", names.gather(llm_idx)),
-            pl.Series("outcome", np.array(OUTCOMES)[self.cols["outcome"]]),
-            pl.Series("reject_reason", reasons.gather(reason_idx)),
+            pl.Series("llm", _labels(self.cols["llm"], self.llm_names)),
+            pl.Series("outcome", _labels(self.cols["outcome"], OUTCOMES)),
+            pl.Series("reject_reason", _labels(self.cols["reject_reason"], REJECT_REASONS)),
         ).with_columns(
             pl.when(pl.col("feedback") >= 0).then(pl.col("feedback")).otherwise(None)
             .alias("feedback")
@@ -102,6 +96,13 @@ class RequestRecorder:
         if extra:
             df = df.hstack(pl.DataFrame(extra))
         return df
+
+
+def _labels(codes: np.ndarray, labels: Sequence[str]) -> pl.Series:
+    """Strings for integer codes (a negative code: null), gathered by polars: no numpy
+    unicode array of the column's length (at a million requests that is tens of MiB)."""
+    idx = np.where(codes < 0, len(labels), codes).astype(np.uint32)
+    return pl.Series("labels", [*labels, None], dtype=pl.Utf8).gather(idx)
 
 
 class GrowingColumns:
