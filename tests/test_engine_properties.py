@@ -15,6 +15,7 @@ from helpers import llm
 from policies import registry
 from sim.engine import Simulation, prepare_inputs
 from sim.metrics import summarize
+from sim.record import REJECT_REASONS
 from sim.runner import build_workload
 from sim.scenario import parse_scenario
 
@@ -104,6 +105,16 @@ def test_conservation_every_request_one_outcome(case):
         assert s["failed"] == 0
     # Cost is only paid for completed attempts
     assert (req.filter(pl.col("attempts") == 0)["cost_usd"] == 0).all()
+    # A rejected request says why; no other request has a reason.
+    rejected = req["outcome"] == "rejected"
+    assert req.filter(rejected)["reject_reason"].is_in(list(REJECT_REASONS)).all()
+    assert req.filter(~rejected)["reject_reason"].is_null().all()
+    if not any(e.outage for e in sc.events):
+        assert (req.filter(rejected)["reject_reason"] != "down").all()
+    # Load rejections are a running count per LLM: never decreasing over time.
+    tl = res.timeline.sort("t_s", maintain_order=True)
+    for _, g in tl.group_by("llm"):
+        assert (g["load_rejected"].diff().drop_nulls() >= 0).all()
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
