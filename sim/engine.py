@@ -45,7 +45,7 @@ from sim.record import (
     RequestRecorder,
 )
 from sim.scenario import Scenario
-from sim.types import Answer, Decision, Feedback, LLMInfo, Query, Workload
+from sim.types import KEEP_RULES, Answer, Decision, Feedback, LLMInfo, Query, Workload
 
 # Order matters: appending a subsystem at the end keeps existing streams unchanged.
 SUBSYSTEMS = ("arrivals", "workload", "sampling", "users", "feedback", "service", "judge", "policy")
@@ -206,6 +206,9 @@ class Simulation:
         self._answered: dict[int, tuple[float, Job]] = {}  # escalated: the answer in hand
         self._in_system = 0
         self._done_count = [0] * len(all_specs)
+        # Fan-outs whose kept answer was picked by its realised quality (keep="best_realised",
+        # two answers or more): any makes the run an upper bound, which no real router reaches.
+        self.realised_picks = 0
         # Per deployment, jobs it rejected for load (full queue, rate limit) after warm-up and
         # before the end of arrivals. Counted per job, not per request: a fan-out copy or an
         # escalation it turned away is load too, even if the request completed elsewhere.
@@ -346,10 +349,10 @@ class Simulation:
         view.now = now
         q = self._query(rid, attempt)
         dec: Decision = self.policy.route(q, view)
-        if dec.keep != "primary" and dec.keep != "best_realised":
+        if dec.keep not in KEEP_RULES:
             raise RouteSimError(
                 f"policy {getattr(self.policy, 'name', '?')!r} returned keep={dec.keep!r}; "
-                "allowed: 'primary', 'best_realised'",
+                f"allowed: {', '.join(map(repr, KEEP_RULES))}",
                 field="decision.keep",
             )
         if dec.scores is not None and len(dec.scores) != len(view.names):
@@ -553,12 +556,12 @@ class Simulation:
 
     def _topk_job_ended(self, tk: _TopK, job: Job, outcome: int, t: float) -> None:
         """One copy of a fan-out request ended. With keep="primary" the request finishes
-        when the primary answer arrives (later copies only add cost); with "best_realised"
-        it waits for every copy."""
+        when the primary answer arrives (later copies only add cost); with "best_judged" or
+        "best_realised" it waits for every copy."""
         rid = job.rid
         if outcome == COMPLETED:
             tk.results.append((float(self._quality[self._rows_l[rid], job.dep.col]), job))
-            if job.primary and tk.keep != "best_realised" and not tk.finished:
+            if job.primary and tk.keep == "primary" and not tk.finished:
                 tk.finished = True
                 self._finish(rid, COMPLETED, t, job, tk.results[-1][0],
                              wait=job.start_s - job.enq_s)
@@ -573,8 +576,16 @@ class Simulation:
             return
         del self._topk[rid]
         if tk.results:
+            # Ties go to the earlier answer of the decision (the primary first), not to
+            # whichever copy happened to finish first.
             if tk.keep == "best_realised":
-                qual, kept = max(tk.results, key=lambda p: p[0])
+                qual, kept = max(tk.results, key=lambda p: (p[0], -p[1].answer))
+                if len(tk.results) > 1:
+                    self.realised_picks += 1
+            elif tk.keep == "best_judged":
+                qual, kept = max(
+                    tk.results, key=lambda p: (self._judge_score(p[1], p[0]), -p[1].answer)
+                )
             else:  # the primary failed or gave up: deliver the first other answer
                 qual, kept = tk.results[0]
             self._finish(rid, COMPLETED, t, kept, qual, wait=kept.start_s - kept.enq_s)
@@ -597,12 +608,17 @@ class Simulation:
         else:
             tk.waits.append(dt)
 
-    def _ask_escalation(self, job: Job, qual: float, now: float) -> Decision | None:
-        self._observe(now)
+    def _judge_score(self, job: Job, qual: float) -> float:
+        """The judge's score of a job's answer: realised quality plus the judge's noise,
+        keyed on the job (so a cascade and a best-judged fan-out see the same verdict)."""
         noise = self.sc.judge.noise
         score = qual + (noise * self.inp.judge_normal(job.rid, job.round, job.answer)
                         if noise else 0.0)
-        ans = Answer(job.dep.name, min(1.0, max(0.0, score)), job.cost_usd, now - job.enq_s)
+        return min(1.0, max(0.0, score))
+
+    def _ask_escalation(self, job: Job, qual: float, now: float) -> Decision | None:
+        self._observe(now)
+        ans = Answer(job.dep.name, self._judge_score(job, qual), job.cost_usd, now - job.enq_s)
         view = self.cluster.view
         view.now = now
         attempts = self._attempts[job.rid]
@@ -784,7 +800,7 @@ class Simulation:
         events = self.events.frame(
             {"t_s": pl.Float64, "kind": pl.Utf8, "llm": pl.Utf8, "detail": pl.Utf8}
         )
-        return RunResult(requests, timeline, events, end_s)
+        return RunResult(requests, timeline, events, end_s, self.realised_picks)
 
 
 @dataclass(frozen=True, eq=False)
@@ -793,6 +809,7 @@ class RunResult:
     timeline: pl.DataFrame
     events: pl.DataFrame
     end_s: float
+    realised_picks: int = 0  # see Simulation.realised_picks
 
 
 def _overrides(policy, method: str) -> bool:

@@ -45,6 +45,7 @@ class OfflineResult:
     route_share: dict[str, float]
     chosen: np.ndarray  # (n_rows,) index into llms of the answer kept
     attempts: np.ndarray  # (n_rows,) LLM calls made per query
+    realised_picks: int = 0  # fan-outs kept by realised quality (> 0: an upper bound)
 
 
 def evaluate_offline(
@@ -81,6 +82,7 @@ def evaluate_offline(
     attempts = np.zeros(n, dtype=np.int64)
     quality_sum = 0.0
     cost_sum = 0.0
+    realised_picks = 0
     for i, row in enumerate(rows):
         row = int(row)
         q = Query(
@@ -110,12 +112,19 @@ def evaluate_offline(
                         q.input_tokens, workload.output_tokens[row, cols[j]], pin[j], pout[j]
                     )
                 )
-                quals.append((qual, j))
+                quals.append((qual, j, k))
                 k += 1
+            # Ties go to the earlier answer of the decision (the primary first).
             if decision.keep == "best_realised":
-                kept_quality, kept = max(quals)
+                kept_quality, kept, _ = max(quals, key=lambda p: (p[0], -p[2]))
+                realised_picks += len(quals) > 1
+            elif decision.keep == "best_judged":
+                kept_quality, kept, _ = max(
+                    quals,
+                    key=lambda p: (float(np.clip(p[0] + judge_eps[i, p[2]], 0.0, 1.0)), -p[2]),
+                )
             else:
-                kept_quality, kept = quals[0]
+                kept_quality, kept, _ = quals[0]
             if k >= max_attempts or not decision.extra and not _wants_answers(policy):
                 break
             ans = Answer(
@@ -154,6 +163,7 @@ def evaluate_offline(
         route_share={x.name: float(c) / max(n, 1) for x, c in zip(llms, counts, strict=True)},
         chosen=chosen,
         attempts=attempts,
+        realised_picks=realised_picks,
     )
 
 

@@ -126,6 +126,10 @@ class Query:
     attempt: int = 0  # 0 for the first offer; >0 when re-offered after failure or removal
 
 
+# How a fan-out's answer is kept (Decision.keep).
+KEEP_RULES = ("primary", "best_judged", "best_realised")
+
+
 @dataclass(slots=True)
 class Decision:
     """A policy's answer for one query, as data.
@@ -134,8 +138,11 @@ class Decision:
     `ClusterView.names` entry (recorded as `score__<llm>`); `terms` maps a term name (e.g.
     "quality", "cost", "uncertainty", "penalty") to per-candidate arrays aligned the same way
     (recorded as `<term>__<llm>`). `extra` sends the same query also to these deployments
-    (top-k); `keep` says which answer the user receives: "primary" (the `llm` answer) or
-    "best_realised" (the best of all answers: an upper bound, labelled so in reports).
+    (top-k); `keep` (one of KEEP_RULES) says which answer the user receives: "primary" (the
+    `llm` answer), "best_judged" (the answer the scenario's judge scores highest: realised
+    quality plus the judge's noise, the scorer cascades use; a rule a real router can run)
+    or "best_realised" (the best of all answers, which no router knows before judging: a run
+    that used it is an upper bound, labelled so in reports).
     """
 
     llm: str

@@ -378,3 +378,48 @@ def test_a_policy_without_the_price_hook_runs_through_a_price_change():
     res, _ = run(sc, Bare())
     assert (res.requests["outcome"] == "completed").all()
     assert res.events.filter(pl.col("kind") == "price_change").height == 1
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.5])
+def test_best_judged_keeps_the_answer_the_judge_scores_highest(noise):
+    sc = scenario(duration_s=200, llms=[llm("gpt-4", slots=100),
+                                        llm("mistral-7b", slots=100, price_in_per_mtok=0.2,
+                                            price_out_per_mtok=0.2)],
+                  judge={"noise": noise}, run={"drain_s": None})
+    res, inputs = run(sc, Fixed(prefs=("mistral-7b",), extra=("gpt-4",), keep="best_judged"))
+    req = res.requests
+    assert res.realised_picks == 0  # a rule a real router can run: not an upper bound
+    assert (req["attempts"] == 2).all() and (req["outcome"] == "completed").all()
+    wl = inputs.workload
+    cols = {name: wl.models.index(name) for name in ("mistral-7b", "gpt-4")}
+    picked_gpt4 = 0
+    for rid, row in enumerate(inputs.rows):
+        # Answer 0 is the primary (mistral-7b), answer 1 the extra copy (gpt-4), round 0.
+        scores = [
+            min(1.0, max(0.0, float(wl.quality[row, cols[m]])
+                         + noise * inputs.judge_normal(rid, 0, a)))
+            for a, m in enumerate(("mistral-7b", "gpt-4"))
+        ]
+        want = "gpt-4" if scores[1] > scores[0] else "mistral-7b"
+        assert req["llm"][rid] == want
+        picked_gpt4 += want == "gpt-4"
+    assert 0 < picked_gpt4 < req.height  # the judge really chose between them
+    if noise == 0.0:  # a perfect judge keeps what the realised rule keeps
+        best, _ = run(sc, Fixed(prefs=("mistral-7b",), extra=("gpt-4",), keep="best_realised"))
+        assert best.requests["quality"].equals(req["quality"])
+        assert best.realised_picks == req.height
+
+
+def test_a_run_keeping_realised_best_answers_is_labelled_an_upper_bound():
+    from sim.runner import run as run_scenario
+    from sim.scenario import PolicySpec
+
+    sc = scenario(duration_s=60, llms=[llm("gpt-4", slots=100), llm("mistral-7b", slots=100)])
+    res = run_scenario(sc, [
+        PolicySpec(name="mixllm", label="top2-realised", params={"top_k": 2,
+                                                                 "keep": "best_realised"}),
+        PolicySpec(name="mixllm", label="top2-judged", params={"top_k": 2,
+                                                               "keep": "best_judged"}),
+    ], seeds=1, keep_requests=False)
+    flags = dict(res.summary.select("policy", "upper_bound").iter_rows())
+    assert flags == {"top2-realised": True, "top2-judged": False}

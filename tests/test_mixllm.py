@@ -180,6 +180,26 @@ def test_top_k_sends_the_next_best_and_documents_keep():
     assert dec.keep == "best_realised"
     res = evaluate_offline(pol, wl, llms, wl.rows(SPLIT_TEST), reference=llms[-1])
     assert np.all(res.attempts == 2)  # cost is the sum of both answers
+    assert res.realised_picks == len(res.chosen)  # every answer kept by ground truth
+
+
+def test_top_k_keep_rules_order_as_they_should_offline():
+    wl = make_workload()
+    llms = infos(wl)
+    rows = wl.rows(SPLIT_TEST)
+
+    def kept(keep: str, judge_noise: float = 0.5):
+        pol = make_policy(wl, llms, top_k=2, keep=keep)
+        return evaluate_offline(pol, wl, llms, rows, reference=llms[-1], judge_noise=judge_noise)
+
+    primary, judged, realised = kept("primary"), kept("best_judged"), kept("best_realised")
+    assert judged.realised_picks == 0 and primary.realised_picks == 0
+    assert primary.cost_usd == judged.cost_usd == realised.cost_usd  # both answers paid
+    # Per query the realised rule keeps the better answer, so it dominates both others; a
+    # noiseless judge is the realised rule.
+    assert realised.quality_sum >= max(primary.quality_sum, judged.quality_sum)
+    exact = kept("best_judged", judge_noise=0.0)
+    np.testing.assert_array_equal(exact.chosen, realised.chosen)
 
 
 # ------------------------------------------------------------------------------- LinUCB
