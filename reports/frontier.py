@@ -54,7 +54,9 @@ from sim.types import (
 LEARNED_ROUTERS: tuple[str, ...] = ("knn", "mlp", "threshold", "cascade", "optllm")
 POINT_COLUMNS = {
     "policy": pl.String,
-    "kind": pl.String,  # router | policy | llm | random | oracle
+    # router | policy | llm | random | oracle | upper_bound (a router setting that kept
+    # fan-out answers by realised quality: ground truth, like the oracle)
+    "kind": pl.String,
     "knob": pl.String,
     "knob_value": pl.Float64,
     "is_default": pl.Boolean,
@@ -166,7 +168,7 @@ def sweep_policy(
 
     def kind_of(res, default_kind: str) -> str:
         # Fan-out answers kept by realised quality are ground truth: an upper bound.
-        return "oracle" if res.realised_picks > 0 else default_kind
+        return "upper_bound" if res.realised_picks > 0 else default_kind
 
     pol = fresh()
     knob = getattr(cls, "tradeoff_param", "") or ""
@@ -368,7 +370,8 @@ def aiq_table(points: pl.DataFrame) -> pl.DataFrame:
     ]
     for name in points.filter(pl.col("kind") != "llm")["policy"].unique(maintain_order=True):
         sub = points.filter(pl.col("policy") == name)
-        groups.append((name, sub["kind"][0], sub))
+        kinds = set(sub["kind"].to_list())
+        groups.append((name, "upper_bound" if "upper_bound" in kinds else sub["kind"][0], sub))
     rows = []
     for name, kind, sub in groups:
         cost = sub["cost_pct"].to_numpy()
@@ -382,7 +385,7 @@ def aiq_table(points: pl.DataFrame) -> pl.DataFrame:
                 "aiq": aiq(cost, qual, c_min, c_max),
                 "n_points": len(sub),
                 "default_knob": default["knob_value"][0]
-                if len(default) and kind == "router"
+                if len(default) and kind in ("router", "upper_bound")
                 else None,
                 "default_quality_pct": float(default["quality_pct"][0]) if len(default) else None,
                 "default_cost_pct": float(default["cost_pct"][0]) if len(default) else None,

@@ -63,7 +63,7 @@ def aiq_rich_table(summary: pl.DataFrame, title: str) -> Table:
     for r in summary.iter_rows(named=True):
         br = r["beats_random"]
         t.add_row(
-            r["policy"] + (" (upper bound)" if r["kind"] == "oracle" else ""),
+            r["policy"] + (" (upper bound)" if r["kind"] in ("oracle", "upper_bound") else ""),
             f(r["aiq"]), f(r["default_quality_pct"]), f(r["default_cost_pct"]),
             f(r["quality_at_random_cost"]), "-" if br is None else ("yes" if br else "no"),
         )

@@ -209,6 +209,7 @@ class Simulation:
         # Fan-outs whose kept answer was picked by its realised quality (keep="best_realised",
         # two answers or more): any makes the run an upper bound, which no real router reaches.
         self.realised_picks = 0
+        self._last_sample_s = -1.0
         # Per deployment, jobs it rejected for load (full queue, rate limit) after warm-up and
         # before the end of arrivals. Counted per job, not per request: a fan-out copy or an
         # escalation it turned away is load too, even if the request completed elsewhere.
@@ -275,8 +276,10 @@ class Simulation:
         else:
             env.run(until=horizon)
         self._expire_all(env.now)
-        # A last sample, so the cumulative columns (completed, load_rejected) end complete.
-        self._sample(env.now)
+        # A last sample, so the cumulative columns (completed, load_rejected) end complete
+        # (unless the sampler has just taken one at this time).
+        if self._last_sample_s != env.now:
+            self._sample(env.now)
         return self._result(env.now)
 
     def _drained(self):
@@ -292,8 +295,17 @@ class Simulation:
         self.env.process(check())
         return done
 
-    def _sample(self, now: float) -> None:
-        for d in self.cluster.present:
+    def _hook(self, method: str, arg) -> None:
+        """Call a cluster-change hook; they are optional for policies not built on
+        BasePolicy (which has harmless defaults)."""
+        fn = getattr(self.policy, method, None)
+        if fn is not None:
+            fn(arg)
+
+    def _sample(self, now: float, only=None) -> None:
+        if only is None:
+            self._last_sample_s = now
+        for d in (only,) if only is not None else self.cluster.present:
             self.timeline.append(
                 now,
                 d.name,
@@ -680,19 +692,22 @@ class Simulation:
             d = cl.by_name[spec.name]
             d.present = True
             cl.rebuild_view(now)
-            self.policy.on_llm_added(
-                LLMInfo(spec.name, spec.model_name, d.col, d.price_in, d.price_out)
+            self._hook(
+                "on_llm_added", LLMInfo(spec.name, spec.model_name, d.col, d.price_in, d.price_out)
             )
             self.events.append(now, act, spec.name, f"replicas={spec.replicas}")
         elif act == "remove_llm":
             d = cl.by_name[e.remove_llm]
+            # Its last timeline row: the samples cover present deployments only, and its
+            # counts (load rejections) since the last tick would be lost.
+            self._sample(now, only=d)
             d.present = False
             queued = [j for j in d.queue if j.state == QUEUED]
             d.queue.clear()
             d.qheap.clear()
             d.n_queued = 0
             cl.rebuild_view(now)
-            self.policy.on_llm_removed(d.name)
+            self._hook("on_llm_removed", d.name)
             self.events.append(now, act, d.name, f"requeued={len(queued)}")
             for job in queued:
                 job.state = CANCELLED
@@ -737,10 +752,11 @@ class Simulation:
             cl.refresh_prices(d)
             # An absent deployment is unknown to the policy; it learns the new prices from
             # on_llm_added's LLMInfo if the deployment joins later.
-            # getattr: the hook is optional for policies not built on BasePolicy.
-            hook = getattr(self.policy, "on_price_changed", None)
-            if d.present and hook is not None:
-                hook(LLMInfo(d.name, d.spec.model_name, d.col, d.price_in, d.price_out))
+            if d.present:
+                self._hook(
+                    "on_price_changed",
+                    LLMInfo(d.name, d.spec.model_name, d.col, d.price_in, d.price_out),
+                )
             self.events.append(now, act, d.name, f"in={d.price_in} out={d.price_out}")
         elif act == "slowdown":
             s = e.slowdown

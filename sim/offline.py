@@ -74,7 +74,8 @@ def evaluate_offline(
     n = len(rows)
     gives_fb = fb_rng.random(n) < feedback_probability
     flips = fb_rng.random(n) < feedback_noise
-    judge_eps = judge_rng.normal(0.0, judge_noise, size=(n, max_attempts))
+    # One judge draw per LLM call; a single fan-out may call every LLM, past max_attempts.
+    judge_eps = judge_rng.normal(0.0, judge_noise, size=(n, max_attempts + len(llms)))
     pin = view.price_in_per_mtok
     pout = view.price_out_per_mtok
     cols = view.model_cols

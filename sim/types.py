@@ -4,7 +4,9 @@ Everything a policy may see is here: `Query` (no ground truth), `ClusterView` (r
 state of the deployments), `PolicyContext` (what a policy gets once, before the run) and the
 data it answers with (`Decision`). Ground truth lives in `Workload` and reaches a policy only
 through `PolicyContext.ground_truth`, which the engine fills only for policies that declare
-`uses_ground_truth = True` (the oracle, an upper bound).
+`uses_ground_truth = True` (the oracle, an upper bound). A decision can also lean on ground
+truth by keeping a fan-out's best realised answer (`Decision.keep`); runs that do are labelled
+upper bounds too.
 """
 
 from __future__ import annotations

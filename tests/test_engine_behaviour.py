@@ -423,3 +423,41 @@ def test_a_run_keeping_realised_best_answers_is_labelled_an_upper_bound():
     ], seeds=1, keep_requests=False)
     flags = dict(res.summary.select("policy", "upper_bound").iter_rows())
     assert flags == {"top2-realised": True, "top2-judged": False}
+
+
+class Burst(BasePolicy):
+    """gpt-4 only for t in [51, 55), mistral-7b otherwise."""
+
+    name = "burst"
+
+    def route(self, query, view):
+        if 51 <= view.now < 55 and "gpt-4" in view.names:
+            return Decision("gpt-4")
+        return Decision("mistral-7b")
+
+
+def test_load_rejections_of_a_removed_llm_still_label_it():
+    # gpt-4 takes one request at a time and queues none; it is removed at t = 55, between
+    # two timeline ticks (every 10 s), right after turning requests away.
+    sc = scenario(duration_s=100, arrivals={"kind": "poisson", "rate_per_s": 5.0},
+                  llms=[llm("gpt-4", slots=1, max_queue=0, decode_tps=1),
+                        llm("mistral-7b", price_in_per_mtok=0.2, price_out_per_mtok=0.2,
+                            slots=100)],
+                  events=[{"at_s": 55, "remove_llm": "gpt-4"}])
+    res, _ = run(sc, Burst())
+    req = res.requests
+    n = req.filter((pl.col("llm") == "gpt-4") & (pl.col("reject_reason") == "queue_full")).height
+    assert n > 5
+    last = res.timeline.filter(pl.col("llm") == "gpt-4").sort("t_s").tail(1)
+    assert last["t_s"][0] == 55.0 and last["load_rejected"][0] == n
+    s = summarize(req, res.timeline, sc, "burst", sc.seed)
+    assert s["saturation"]["gpt-4"] == "overloaded"
+
+
+@pytest.mark.parametrize("drain", [None, 30.0])
+def test_the_timeline_has_one_row_per_llm_and_time(drain):
+    sc = scenario(duration_s=100, run={"drain_s": drain})
+    res, _ = run(sc, Fixed())
+    tl = res.timeline
+    assert tl.group_by("t_s", "llm").len()["len"].max() == 1
+    assert tl["t_s"].max() == pytest.approx(res.end_s)  # the last sample closes the run

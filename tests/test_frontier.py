@@ -160,3 +160,23 @@ def test_bad_reference_is_an_error(wl):
     with pytest.raises(RouteSimError, match="reference"):
         frontier_table(wl, llms, reference(llm_infos()), ["knn"])
     assert context(wl, llms).reference_llm == "large"
+
+
+def test_a_router_setting_with_realised_picks_is_an_upper_bound_and_keeps_its_default():
+    import polars as pl
+
+    from reports.frontier import POINT_COLUMNS, aiq_table
+
+    rows = [
+        ("cheap", "llm", None, None, True, 60.0, 2.0, 1.0),
+        ("dear", "llm", None, None, True, 100.0, 100.0, 1.0),
+        ("random", "random", None, None, True, 80.0, 51.0, 1.0),
+        ("r", "router", "lambda_", 1.0, False, 80.0, 20.0, 1.0),
+        ("r", "router", "lambda_", 8.0, True, 95.0, 30.0, 1.0),
+        ("top2", "upper_bound", "lambda_", 1.0, False, 90.0, 30.0, 2.0),
+        ("top2", "upper_bound", "lambda_", 8.0, True, 105.0, 60.0, 2.0),
+    ]
+    points = pl.DataFrame(rows, schema=POINT_COLUMNS, orient="row")
+    table = {r["policy"]: r for r in aiq_table(points).iter_rows(named=True)}
+    assert table["top2"]["kind"] == "upper_bound" and table["top2"]["default_knob"] == 8.0
+    assert table["r"]["kind"] == "router" and table["r"]["default_knob"] == 8.0

@@ -200,6 +200,19 @@ def test_top_k_keep_rules_order_as_they_should_offline():
     assert realised.quality_sum >= max(primary.quality_sum, judged.quality_sum)
     exact = kept("best_judged", judge_noise=0.0)
     np.testing.assert_array_equal(exact.chosen, realised.chosen)
+    # A noisy judge sometimes keeps the worse answer, but mostly not: at noise 0.5 it orders
+    # a right and a wrong answer correctly with probability about P(N(0, 2 * 0.5^2) < 1) =
+    # 0.92 (clipping aside). Here (237 test rows) the second answer is the better one on 13
+    # rows; primary keeps 217 right answers, best-judged 225, best-realised 230.
+    assert judged.quality_sum < realised.quality_sum
+    assert judged.quality_sum > primary.quality_sum
+    # Ties go to the earlier answer: with equal qualities the primary is kept.
+    same = np.flatnonzero(wl.quality[rows, 0] == wl.quality[rows, 1])
+    pol = make_policy(wl, llms[:2], top_k=2, keep="best_realised")
+    res = evaluate_offline(pol, wl, llms[:2], rows[same], reference=llms[-1])
+    firsts = [pol.route(query(wl, i, int(r)), idle_view(llms[:2])).llm for i, r in
+              enumerate(rows[same])]
+    assert [llms[j].name for j in res.chosen] == firsts
 
 
 # ------------------------------------------------------------------------------- LinUCB
