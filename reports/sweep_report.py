@@ -164,6 +164,14 @@ def sweep_report_html(out: str | Path) -> str:
     df, meta = read_sweep(out)
     name = meta.get("name", Path(out).name)
     ok = df.filter(pl.col("status") == "ok") if "status" in df.columns else df
+    if "upper_bound" in ok.columns and "policy" in ok.columns:
+        # Ground-truth runs (the oracle, fan-outs keeping the best realised answer) are
+        # labelled as in every other report.
+        flag = pl.col("upper_bound").fill_null(False)
+        ok = ok.with_columns(
+            pl.when(flag).then(pl.col(c) + " (upper bound)").otherwise(pl.col(c)).alias(c)
+            for c in ("policy", "policy_base") if c in ok.columns
+        )
     axes = varying_axes(df, meta)
     counts = df.group_by("status").len().sort("status").iter_rows()
     status = ", ".join(f"{n} {s}" for s, n in counts)

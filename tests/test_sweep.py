@@ -200,10 +200,11 @@ def test_sweep_report_is_offline_html(tmp_path):
     from reports.sweep_report import write_sweep_report
 
     g = grid(axes={"arrivals.rate_per_s": [1.0, 3.0], "llms.0.replicas": [1, 2]},
-             policies=["least_loaded", "cheapest"])
+             policies=["least_loaded", "oracle"])
     run_sweep(g, tmp_path, backend="inline")
     path = write_sweep_report(tmp_path)
     text = Path(path).read_text()
+    assert "oracle (upper bound)" in text and "least_loaded (upper bound)" not in text
     assert "quality, % of reference along arrivals.rate_per_s" in text
     assert "llms.0.replicas x arrivals.rate_per_s" in text  # a heatmap of the axis pair
     assert 'src="https://' not in text  # plotly.js is inline
