@@ -142,6 +142,7 @@ def sweep_policy(
     params: Mapping[str, Any] | None = None,
     seed: int = 0,
     judge_noise: float = 0.5,
+    judge_cost_usd: float = 0.0,
 ) -> list[dict[str, Any]]:
     """Points of one registered policy: each value of its knob (plus the default it chose
     on validation), or one point when it has no knob."""
@@ -163,7 +164,8 @@ def sweep_policy(
 
     def run(pol):
         return evaluate_offline(
-            pol, workload, llms, rows, reference=reference, judge_noise=judge_noise, seed=seed
+            pol, workload, llms, rows, reference=reference, judge_noise=judge_noise,
+            judge_cost_usd=judge_cost_usd, seed=seed,
         )
 
     def kind_of(res, default_kind: str) -> str:
@@ -297,6 +299,7 @@ def frontier_points(
     params: Mapping[str, Mapping[str, Any]] | None = None,
     seed: int = 0,
     judge_noise: float = 0.5,
+    judge_cost_usd: float = 0.0,
 ) -> pl.DataFrame:
     """Every evaluated (policy, knob value) point on `rows` (default: the test split), plus
     the single LLMs, random (expected) and the oracle. `params` maps a policy name to its
@@ -344,6 +347,7 @@ def frontier_points(
                 params=params.get(name),
                 seed=seed,
                 judge_noise=judge_noise,
+                judge_cost_usd=judge_cost_usd,
             )
         )
     if "oracle" in registry.names():

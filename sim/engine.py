@@ -598,6 +598,7 @@ class Simulation:
                 qual, kept = max(
                     tk.results, key=lambda p: (self._judge_score(p[1], p[0]), -p[1].answer)
                 )
+                self.rec.cols["cost_usd"][rid] += self.sc.judge.cost_usd * len(tk.results)
             else:  # the primary failed or gave up: deliver the first other answer
                 qual, kept = tk.results[0]
             self._finish(rid, COMPLETED, t, kept, qual, wait=kept.start_s - kept.enq_s)
@@ -630,6 +631,7 @@ class Simulation:
 
     def _ask_escalation(self, job: Job, qual: float, now: float) -> Decision | None:
         self._observe(now)
+        self.rec.cols["cost_usd"][job.rid] += self.sc.judge.cost_usd  # the answer is judged
         ans = Answer(job.dep.name, self._judge_score(job, qual), job.cost_usd, now - job.enq_s)
         view = self.cluster.view
         view.now = now

@@ -58,6 +58,7 @@ def evaluate_offline(
     feedback_probability: float = 0.0,
     feedback_noise: float = 0.0,
     judge_noise: float = 0.5,
+    judge_cost_usd: float = 0.0,
     seed: int = 0,
     max_attempts: int = 8,
 ) -> OfflineResult:
@@ -124,17 +125,21 @@ def evaluate_offline(
                     quals,
                     key=lambda p: (float(np.clip(p[0] + judge_eps[i, p[2]], 0.0, 1.0)), -p[2]),
                 )
+                cost_sum += judge_cost_usd * len(quals)
             else:
                 kept_quality, kept, _ = quals[0]
-            if k >= max_attempts or not decision.extra and not _wants_answers(policy):
+            # As in the engine: a fan-out ends the request; a single answer goes to the
+            # judge and then to on_answer, for policies that want answers (cascades).
+            if k >= max_attempts or decision.extra or not _wants_answers(policy):
                 break
+            cost_sum += judge_cost_usd
             ans = Answer(
                 llm=llms[kept].name,
                 judge_score=float(np.clip(kept_quality + judge_eps[i, k - 1], 0.0, 1.0)),
                 cost_usd=0.0,
                 latency_s=0.0,
             )
-            decision = policy.on_answer(q, ans, view) if not decision.extra else None
+            decision = policy.on_answer(q, ans, view)
         chosen[i] = kept
         attempts[i] = k
         quality_sum += kept_quality

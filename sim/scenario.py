@@ -299,9 +299,13 @@ class JudgeSpec(Spec):
     The default 0.5 makes a 0/1 answer misjudged (score on the wrong side of 0.5) with
     probability P(Z > 1) = 16%: a scorer of about 84% accuracy, the range of the small
     learned answer scorers FrugalGPT uses. Lower noise makes cascades look near-oracle.
+    `cost_usd` is what one judged answer costs (a scorer call), added to its request's cost:
+    0 for a small local scorer; an LLM-as-judge call costs about its prompt and verdict
+    tokens at that LLM's prices.
     """
 
     noise: Annotated[float, Field(ge=0, le=1)] = 0.5
+    cost_usd: NonNegFloat = 0.0
 
 
 class PolicySpec(Spec):

@@ -461,3 +461,23 @@ def test_the_timeline_has_one_row_per_llm_and_time(drain):
     tl = res.timeline
     assert tl.group_by("t_s", "llm").len()["len"].max() == 1
     assert tl["t_s"].max() == pytest.approx(res.end_s)  # the last sample closes the run
+
+
+@pytest.mark.parametrize("which", ["cascade", "best_judged"])
+def test_each_judged_answer_costs_the_judges_price(which):
+    def go(cost):
+        sc = scenario(duration_s=200, llms=[llm("gpt-4", slots=100),
+                                            llm("mistral-7b", slots=100, price_in_per_mtok=0.2,
+                                                price_out_per_mtok=0.2)],
+                      judge={"noise": 0.5, "cost_usd": cost}, run={"drain_s": None})
+        pol = (Escalate() if which == "cascade"
+               else Fixed(prefs=("mistral-7b",), extra=("gpt-4",), keep="best_judged"))
+        return run(sc, pol)[0].requests
+
+    free, paid = go(0.0), go(0.01)
+    # The judge's price changes no decision (its noise is keyed per answer), only the bill:
+    # every answer the judge scored (each LLM call here: nothing is rejected) costs 0.01.
+    assert paid["llm"].equals(free["llm"]) and paid["attempts"].equals(free["attempts"])
+    extra = (paid["cost_usd"] - free["cost_usd"]).to_numpy()
+    np.testing.assert_allclose(extra, 0.01 * paid["attempts"].to_numpy(), atol=1e-12)
+    assert (paid["attempts"] > 1).any()

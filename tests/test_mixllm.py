@@ -188,9 +188,10 @@ def test_top_k_keep_rules_order_as_they_should_offline():
     llms = infos(wl)
     rows = wl.rows(SPLIT_TEST)
 
-    def kept(keep: str, judge_noise: float = 0.5):
+    def kept(keep: str, judge_noise: float = 0.5, judge_cost: float = 0.0):
         pol = make_policy(wl, llms, top_k=2, keep=keep)
-        return evaluate_offline(pol, wl, llms, rows, reference=llms[-1], judge_noise=judge_noise)
+        return evaluate_offline(pol, wl, llms, rows, reference=llms[-1], judge_noise=judge_noise,
+                                judge_cost_usd=judge_cost)
 
     primary, judged, realised = kept("primary"), kept("best_judged"), kept("best_realised")
     assert judged.realised_picks == 0 and primary.realised_picks == 0
@@ -200,6 +201,11 @@ def test_top_k_keep_rules_order_as_they_should_offline():
     assert realised.quality_sum >= max(primary.quality_sum, judged.quality_sum)
     exact = kept("best_judged", judge_noise=0.0)
     np.testing.assert_array_equal(exact.chosen, realised.chosen)
+    # A priced judge bills both answers of every query and changes nothing else.
+    billed = kept("best_judged", judge_cost=0.01)
+    np.testing.assert_array_equal(billed.chosen, judged.chosen)
+    assert billed.cost_usd == pytest.approx(judged.cost_usd + 0.01 * 2 * len(rows))
+    assert kept("best_realised", judge_cost=0.01).cost_usd == pytest.approx(realised.cost_usd)
     # A noisy judge sometimes keeps the worse answer, but mostly not: at noise 0.5 it orders
     # a right and a wrong answer correctly with probability about P(N(0, 2 * 0.5^2) < 1) =
     # 0.92 (clipping aside). Here (237 test rows) the second answer is the better one on 13
