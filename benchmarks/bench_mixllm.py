@@ -198,7 +198,8 @@ def part_tune(wl, llms, ref, folds: int = 5) -> None:
 LAMBDA_SWEEP = (0.3, 1.0, 3.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 12.0, 15.0, 20.0, 30.0, 60.0)
 
 
-def test_frontier(pol, wl, llms, ref, rows, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def test_frontier(pol, wl, llms, ref, rows, seed: int = 0,
+                  judge_cost_usd: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """(cost %, quality %) on `rows` at each lambda of LAMBDA_SWEEP, keeping what `pol`
     learned (each point from a copy, scored without feedback; `seed`: the judge's draws)."""
     import copy
@@ -207,7 +208,8 @@ def test_frontier(pol, wl, llms, ref, rows, seed: int = 0) -> tuple[np.ndarray, 
     for lam in LAMBDA_SWEEP:
         p = copy.deepcopy(pol)
         p.set_tradeoff(lam, reset=False)
-        r = evaluate_offline(p, wl, llms, rows, reference=ref, seed=seed)
+        r = evaluate_offline(p, wl, llms, rows, reference=ref, seed=seed,
+                             judge_cost_usd=judge_cost_usd)
         pts.append((r.cost_pct, r.quality_pct))
     c, q = np.array(pts).T
     return c, q
@@ -288,37 +290,57 @@ def part_topk(wl, llms, ref) -> None:
           "one the judge scores highest (realised quality + N(0, 0.5), clipped), or the best "
           "realised one (an upper bound). RouterBench test split, uncongested.")
     print("AIQ 5-50% counts the hull as 0 below the cheapest cost k answers reach, so compare "
-          "top-k at a cost level (hull quality at 25% and 50% of gpt-4's cost). The judge is "
-          f"free here; a real one costs a call per answer. best_judged: mean (sd) over "
-          f"{TOPK_JUDGE_SEEDS} judge seeds.")
-    print(f"{'k':>2s} {'keep':28s} {'q % (default)':>13s} {'c %':>6s} {'AIQ 5-50%':>10s} "
-          f"{'hull q at 25%':>13s} {'at 50%':>7s}")
+          "top-k at a cost level (hull quality at 25% and 50% of gpt-4's cost; '-': that "
+          "cost is out of reach). The judge is free (a small scorer) or, 'LLM judge', priced "
+          f"as one gpt-3.5 call per answer. best_judged: mean (sd) over {TOPK_JUDGE_SEEDS} "
+          "judge seeds.")
     from reports.frontier import hull_quality_at
 
     def cell(values: list[float], width: int) -> str:
+        if not np.isfinite(values).all():
+            return "-".rjust(width)
         if len(values) == 1:
             return f"{values[0]:{width}.2f}"
         return f"{np.mean(values):.2f} ({np.std(values, ddof=1):.2f})".rjust(width)
 
-    for k in (1, 2, 3):
-        for keep in TOPK_KEEP if k > 1 else ("primary",):
-            pol = registry.create("mixllm", {"top_k": k, "keep": keep})
-            pol.setup(context(wl, llms, ref, full, 0))
-            cols: list[list[float]] = [[], [], [], [], []]
-            for seed in range(TOPK_JUDGE_SEEDS if keep == "best_judged" else 1):
-                c, q = test_frontier(pol, wl, llms, ref, test, seed=seed)
-                # A copy: serving the split moves the LinUCB matrices, and every judge seed
-                # must start from the same fitted policy.
-                r = evaluate_offline(copy.deepcopy(pol), wl, llms, test, reference=ref,
-                                     seed=seed)
-                for col, v in zip(cols, (r.quality_pct, r.cost_pct,
-                                         hull_mean_quality(c, q, 5.0, 50.0),
-                                         hull_quality_at(c, q, 25.0), hull_quality_at(c, q, 50.0)),
-                                  strict=True):
-                    col.append(v)
-            label = keep + (" (upper bound)" if keep == "best_realised" else "")
-            print(f"{k:2d} {label:28s} {cell(cols[0], 13)} {cell(cols[1], 6)} "
-                  f"{cell(cols[2], 10)} {cell(cols[3], 13)} {cell(cols[4], 7)}")
+    # An LLM-as-judge alternative to a free scorer: one gpt-3.5-turbo call per judged
+    # answer, reading the query and the answer (RouterBench list prices; the verdict's few
+    # output tokens neglected), at its mean over the test split.
+    pin = ROUTERBENCH_PRICES_PER_MTOK["gpt-3.5-turbo-1106"][0]
+    read = wl.input_tokens[test].astype(float) + wl.output_tokens[test].astype(float).mean(1)
+    llm_judge = float(read.mean()) * pin / 1e6
+    ref_cost = float(np.mean(
+        (wl.input_tokens[test] * ref.price_in_per_mtok
+         + wl.output_tokens[test, ref.model_col] * ref.price_out_per_mtok) / 1e6
+    ))
+    print(f"LLM judge: ${llm_judge:.2e} per judged answer, {100 * llm_judge / ref_cost:.1f}% of "
+          "gpt-4's mean cost per query")
+    print(f"{'k':>2s} {'keep':28s} {'q % (default)':>13s} {'c %':>6s} {'AIQ 5-50%':>10s} "
+          f"{'hull q at 25%':>13s} {'at 50%':>7s}")
+    variants = [(1, "primary", 0.0)]
+    for k in (2, 3):
+        variants += [(k, "primary", 0.0), (k, "best_judged", 0.0), (k, "best_judged", llm_judge),
+                     (k, "best_realised", 0.0)]
+    for k, keep, judge_cost in variants:
+        pol = registry.create("mixllm", {"top_k": k, "keep": keep})
+        pol.setup(context(wl, llms, ref, full, 0))
+        cols: list[list[float]] = [[], [], [], [], []]
+        for seed in range(TOPK_JUDGE_SEEDS if keep == "best_judged" else 1):
+            c, q = test_frontier(pol, wl, llms, ref, test, seed=seed,
+                                 judge_cost_usd=judge_cost)
+            # A copy: serving the split moves the LinUCB matrices, and every judge seed
+            # must start from the same fitted policy.
+            r = evaluate_offline(copy.deepcopy(pol), wl, llms, test, reference=ref,
+                                 seed=seed, judge_cost_usd=judge_cost)
+            for col, v in zip(cols, (r.quality_pct, r.cost_pct,
+                                     hull_mean_quality(c, q, 5.0, 50.0),
+                                     hull_quality_at(c, q, 25.0), hull_quality_at(c, q, 50.0)),
+                              strict=True):
+                col.append(v)
+        label = keep + (" (upper bound)" if keep == "best_realised" else "")
+        label += ", LLM judge" if judge_cost else ""
+        print(f"{k:2d} {label:28s} {cell(cols[0], 13)} {cell(cols[1], 6)} "
+              f"{cell(cols[2], 10)} {cell(cols[3], 13)} {cell(cols[4], 7)}")
 
 
 # ------------------------------------------------------------------------------ (c)
