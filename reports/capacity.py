@@ -18,6 +18,11 @@ billed in the simulation (per measured hour). The search:
    trading an expensive replica for a cheaper one, until no single removal keeps the
    constraints: the plan is minimal.
 
+Upper bounds: a router that sees ground truth (the oracle) or keeps fan-out answers by
+realised quality sizes a cluster for traffic no deployable router would send. Such a plan is
+still computed, but it is labelled an upper bound in its message, plan.json
+(`upper_bound`, `upper_bound_reason`) and plan.html.
+
 SLO check: the mean over replications of the p95 wait (as in summary.json, except that a
 rejected request counts as an infinitely long wait, so shedding load cannot buy the SLO)
 is at most the target. Every self-hosted LLM keeps at least one replica (the scenario's set
@@ -64,6 +69,7 @@ class Evaluation:
     per_llm: dict[str, dict[str, float]]  # mean over seeds: utilisation, late_share, share...
     slo: float
     quality_floor: float | None
+    realised_picks: int = 0  # fan-outs kept by realised quality, summed over seeds
 
     @property
     def p95_wait_s(self) -> float:
@@ -119,6 +125,22 @@ class Plan:
     tried: list[Evaluation] = field(default_factory=list)
     message: str = ""
 
+    @property
+    def upper_bound_reason(self) -> str | None:
+        """Why the plan's quality and route shares are out of a deployable router's reach,
+        or None when they are not."""
+        if self.planner.uses_ground_truth:
+            return f"{self.planner.policy.display} routes with the answers' true quality"
+        picks = sum(e.realised_picks for e in self.tried)
+        if picks:
+            return (f"{self.planner.policy.display} kept {picks} fan-out answer(s) by realised "
+                    "quality")
+        return None
+
+    @property
+    def upper_bound(self) -> bool:
+        return self.upper_bound_reason is not None
+
     def replicas(self, ev: Evaluation | None = None) -> dict[str, int]:
         ev = ev or self.chosen
         return dict(zip(self.planner.llms, ev.config, strict=True))
@@ -149,6 +171,8 @@ class Plan:
             "max_replicas": p.max_replicas,
             "feasible": self.feasible,
             "minimal": self.minimal,
+            "upper_bound": self.upper_bound,
+            "upper_bound_reason": self.upper_bound_reason,
             "message": self.message,
             "replicas": self.replicas(),
             "cost_per_hour": ev.cost_per_hour,
@@ -258,6 +282,10 @@ class Planner:
             update={"slo": scenario.slo.model_copy(update={"p95_wait_s": slo_p95_wait_s})}
         )
         self.policy = policy_spec(scenario, policy)
+        from policies import registry
+
+        self.uses_ground_truth = bool(
+            getattr(registry.get(self.policy.name), "uses_ground_truth", False))
         self.slo = float(slo_p95_wait_s)
         self.quality_floor = quality_floor
         self.max_replicas = int(max_replicas)
@@ -298,9 +326,11 @@ class Planner:
         if config in self.cache:
             return self.cache[config]
         p95s, quals, api = [], [], []
+        realised_picks = 0
         per_llm_acc: dict[str, dict[str, list[float]]] = {n: {} for n in self.llms}
         for seed in self.seeds:
             sc, res = self._simulate(config, seed)
+            realised_picks += res.realised_picks
             summary = summarize(res.requests, res.timeline, sc, self.policy.display, seed)
             m = res.requests.filter(pl.col("arrival_s") >= sc.warmup_s)
             p95s.append(planning_p95_wait(m))
@@ -314,7 +344,7 @@ class Planner:
         for n, cfg_n in zip(self.llms, config, strict=True):
             per_llm[n]["replicas"] = cfg_n
         ev = Evaluation(config, stage, p95s, quals, api, self.replica_cost(config), per_llm,
-                        self.slo, self.quality_floor)
+                        self.slo, self.quality_floor, realised_picks)
         self.cache[config] = ev
         if self.on_evaluation is not None:
             self.on_evaluation(ev)
@@ -394,13 +424,22 @@ class Planner:
             what = self._what_fails(best)
             msg = (f"no configuration within --max-replicas {self.max_replicas} meets {what}; "
                    f"best found: {self._describe(best)}")
-            return Plan(self, best, False, False, notes, list(self.cache.values()), msg)
+            return self._labelled(Plan(self, best, False, False, notes,
+                                       list(self.cache.values()), msg))
         chosen, minimal = self._descend(cur)
         msg = f"cheapest feasible configuration found: {self._describe(chosen)}"
         if not minimal:
             msg += (f" (evaluation budget of {self.max_evaluations} configurations reached: "
                     "minimality not fully checked)")
-        return Plan(self, chosen, True, minimal, notes, list(self.cache.values()), msg)
+        return self._labelled(Plan(self, chosen, True, minimal, notes,
+                                   list(self.cache.values()), msg))
+
+    @staticmethod
+    def _labelled(plan: Plan) -> Plan:
+        if plan.upper_bound:
+            plan.message += (f". UPPER BOUND: {plan.upper_bound_reason}; a deployable router "
+                             "sends different traffic")
+        return plan
 
     def _descend(self, cur: Evaluation) -> tuple[Evaluation, bool]:
         """Greedy removals, then cheaper swaps, from a feasible configuration. Returns the

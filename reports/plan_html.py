@@ -34,6 +34,10 @@ def plan_page(plan: Plan) -> Page:
     page.heading("Verdict", 2)
     verdict = ("Plan found" if plan.feasible else "No configuration meets the target") + ": "
     page.raw(f"<p><b>{verdict}</b>{_esc(plan.message)}</p>")
+    if plan.upper_bound:
+        page.note(f"Upper bound: {plan.upper_bound_reason}. Its route shares and quality are "
+                  "out of a deployable router's reach, so size a real cluster with a router "
+                  "that does not see ground truth.")
     if plan.feasible and plan.minimal:
         page.note("Minimal: removing one replica from any LLM that has more than one breaks "
                   "the target (checked by simulation, below).")

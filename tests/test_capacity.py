@@ -184,3 +184,33 @@ def test_unknown_policy_and_bad_slo_are_bad_input(tmp_path):
     assert res.exit_code == 2 and "unknown policy 'nope'" in res.output
     with pytest.raises(RouteSimError, match="--slo-p95-wait"):
         Planner(_scenario(), "random", -1.0)
+
+
+def test_plans_for_routers_that_see_ground_truth_are_labelled_upper_bounds(tmp_path):
+    """The oracle and a fan-out kept by realised quality route traffic no deployable router
+    would: their plans say so in the message, plan.json and plan.html; a plain router's
+    plan does not."""
+    plain = Planner(_scenario(), "random", 2.0, max_replicas=3, seeds=1,
+                    max_evaluations=2).plan()
+    assert not plain.upper_bound and "UPPER BOUND" not in plain.message
+    assert plain.as_json()["upper_bound"] is False
+
+    oracle = Planner(_scenario(), "oracle", 2.0, max_replicas=3, seeds=1,
+                     max_evaluations=2).plan()
+    assert oracle.upper_bound and "true quality" in oracle.upper_bound_reason
+    assert "UPPER BOUND" in oracle.message
+
+    fan_out = _scenario(policies=[{"name": "mixllm", "label": "mixllm top-2",
+                                   "params": {"top_k": 2, "keep": "best_realised"}}])
+    plan = Planner(fan_out, "mixllm top-2", 2.0, max_replicas=3, seeds=1,
+                   max_evaluations=2).plan()
+    assert plan.upper_bound and "by realised quality" in plan.upper_bound_reason
+    js, html = write_plan(plan, tmp_path)
+    data = json.loads(js.read_text())
+    assert data["upper_bound"] is True and "realised" in data["upper_bound_reason"]
+    assert "Upper bound:" in html.read_text(encoding="utf-8")
+
+    judged = _scenario(policies=[{"name": "mixllm", "label": "mixllm judged",
+                                  "params": {"top_k": 2, "keep": "best_judged"}}])
+    assert not Planner(judged, "mixllm judged", 2.0, max_replicas=3, seeds=1,
+                       max_evaluations=2).plan().upper_bound
