@@ -57,7 +57,13 @@ from policies import registry  # noqa: E402
 from sim.context import context_for, training_set  # noqa: E402
 from sim.offline import evaluate_offline  # noqa: E402
 from sim.routerbench import ROUTERBENCH_PRICES_PER_MTOK, load_routerbench_workload  # noqa: E402
-from sim.scenario import EncoderSpec, PolicySpec, WorkloadSpec, load_scenario  # noqa: E402
+from sim.scenario import (  # noqa: E402
+    EncoderSpec,
+    JudgeSpec,
+    PolicySpec,
+    WorkloadSpec,
+    load_scenario,
+)
 from sim.types import SPLIT_TEST, LLMInfo, PolicyContext, TrainingSet, Workload  # noqa: E402
 
 REFERENCE = "gpt-4-1106-preview"
@@ -199,7 +205,7 @@ LAMBDA_SWEEP = (0.3, 1.0, 3.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 12.0, 15.0, 20.0, 
 
 
 def test_frontier(pol, wl, llms, ref, rows, seed: int = 0,
-                  judge_cost_usd: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+                  judge: JudgeSpec | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(cost %, quality %) on `rows` at each lambda of LAMBDA_SWEEP, keeping what `pol`
     learned (each point from a copy, scored without feedback; `seed`: the judge's draws)."""
     import copy
@@ -208,8 +214,7 @@ def test_frontier(pol, wl, llms, ref, rows, seed: int = 0,
     for lam in LAMBDA_SWEEP:
         p = copy.deepcopy(pol)
         p.set_tradeoff(lam, reset=False)
-        r = evaluate_offline(p, wl, llms, rows, reference=ref, seed=seed,
-                             judge_cost_usd=judge_cost_usd)
+        r = evaluate_offline(p, wl, llms, rows, reference=ref, seed=seed, judge=judge)
         pts.append((r.cost_pct, r.quality_pct))
     c, q = np.array(pts).T
     return c, q
@@ -304,9 +309,10 @@ def part_topk(wl, llms, ref) -> None:
         return f"{np.mean(values):.2f} ({np.std(values, ddof=1):.2f})".rjust(width)
 
     # An LLM-as-judge alternative to a free scorer: one gpt-3.5-turbo call per judged
-    # answer, reading the query and the answer (RouterBench list prices; the verdict's few
-    # output tokens neglected), at its mean over the test split.
+    # answer, reading the query and the answer at its input price (RouterBench list prices;
+    # the instruction's and verdict's few tokens neglected). The mean below is for scale.
     pin = ROUTERBENCH_PRICES_PER_MTOK["gpt-3.5-turbo-1106"][0]
+    llm_judge_spec = JudgeSpec(price_in_per_mtok=pin)
     read = wl.input_tokens[test].astype(float) + wl.output_tokens[test].astype(float).mean(1)
     llm_judge = float(read.mean()) * pin / 1e6
     ref_cost = float(np.mean(
@@ -314,31 +320,31 @@ def part_topk(wl, llms, ref) -> None:
          + wl.output_tokens[test, ref.model_col] * ref.price_out_per_mtok) / 1e6
     ))
     print(f"LLM judge: ${llm_judge:.2e} per judged answer, {100 * llm_judge / ref_cost:.1f}% of "
-          "gpt-4's mean cost per query")
+          "gpt-4's mean cost per query (billed per token of each query and answer)")
     print(f"{'k':>2s} {'keep':28s} {'q % (default)':>13s} {'c %':>6s} {'AIQ 5-50%':>10s} "
           f"{'hull q at 25%':>13s} {'at 50%':>7s}")
-    variants = [(1, "primary", 0.0)]
+    free = JudgeSpec()
+    variants = [(1, "primary", free)]
     for k in (2, 3):
-        variants += [(k, "primary", 0.0), (k, "best_judged", 0.0), (k, "best_judged", llm_judge),
-                     (k, "best_realised", 0.0)]
-    for k, keep, judge_cost in variants:
+        variants += [(k, "primary", free), (k, "best_judged", free),
+                     (k, "best_judged", llm_judge_spec), (k, "best_realised", free)]
+    for k, keep, judge in variants:
         pol = registry.create("mixllm", {"top_k": k, "keep": keep})
         pol.setup(context(wl, llms, ref, full, 0))
         cols: list[list[float]] = [[], [], [], [], []]
         for seed in range(TOPK_JUDGE_SEEDS if keep == "best_judged" else 1):
-            c, q = test_frontier(pol, wl, llms, ref, test, seed=seed,
-                                 judge_cost_usd=judge_cost)
+            c, q = test_frontier(pol, wl, llms, ref, test, seed=seed, judge=judge)
             # A copy: serving the split moves the LinUCB matrices, and every judge seed
             # must start from the same fitted policy.
             r = evaluate_offline(copy.deepcopy(pol), wl, llms, test, reference=ref,
-                                 seed=seed, judge_cost_usd=judge_cost)
+                                 seed=seed, judge=judge)
             for col, v in zip(cols, (r.quality_pct, r.cost_pct,
                                      hull_mean_quality(c, q, 5.0, 50.0),
                                      hull_quality_at(c, q, 25.0), hull_quality_at(c, q, 50.0)),
                               strict=True):
                 col.append(v)
         label = keep + (" (upper bound)" if keep == "best_realised" else "")
-        label += ", LLM judge" if judge_cost else ""
+        label += ", LLM judge" if judge is llm_judge_spec else ""
         print(f"{k:2d} {label:28s} {cell(cols[0], 13)} {cell(cols[1], 6)} "
               f"{cell(cols[2], 10)} {cell(cols[3], 13)} {cell(cols[4], 7)}")
 

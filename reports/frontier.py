@@ -41,6 +41,7 @@ from policies.quality_model import hull_mean_quality, nondecreasing_hull
 from sim.context import context_for, request_cost_usd
 from sim.errors import RouteSimError
 from sim.offline import evaluate_offline
+from sim.scenario import JudgeSpec
 from sim.types import (
     SPLIT_TEST,
     ClusterView,
@@ -141,8 +142,7 @@ def sweep_policy(
     *,
     params: Mapping[str, Any] | None = None,
     seed: int = 0,
-    judge_noise: float = 0.5,
-    judge_cost_usd: float = 0.0,
+    judge: JudgeSpec | None = None,
 ) -> list[dict[str, Any]]:
     """Points of one registered policy: each value of its knob (plus the default it chose
     on validation), or one point when it has no knob."""
@@ -164,8 +164,7 @@ def sweep_policy(
 
     def run(pol):
         return evaluate_offline(
-            pol, workload, llms, rows, reference=reference, judge_noise=judge_noise,
-            judge_cost_usd=judge_cost_usd, seed=seed,
+            pol, workload, llms, rows, reference=reference, judge=judge, seed=seed,
         )
 
     def kind_of(res, default_kind: str) -> str:
@@ -298,8 +297,7 @@ def frontier_points(
     rows: np.ndarray | None = None,
     params: Mapping[str, Mapping[str, Any]] | None = None,
     seed: int = 0,
-    judge_noise: float = 0.5,
-    judge_cost_usd: float = 0.0,
+    judge: JudgeSpec | None = None,
 ) -> pl.DataFrame:
     """Every evaluated (policy, knob value) point on `rows` (default: the test split), plus
     the single LLMs, random (expected) and the oracle. `params` maps a policy name to its
@@ -346,8 +344,7 @@ def frontier_points(
                 rows,
                 params=params.get(name),
                 seed=seed,
-                judge_noise=judge_noise,
-                judge_cost_usd=judge_cost_usd,
+                judge=judge,
             )
         )
     if "oracle" in registry.names():

@@ -103,8 +103,7 @@ def register(app: typer.Typer) -> None:
             llms = [llm_info(x, wl, field=f"llms.{i}") for i, x in enumerate(sc.llms)]
             ref = next(x for x in llms if x.name == sc.workload.reference_llm)
             with console.status(f"sweeping {', '.join(names)}"):
-                res = frontier_table(wl, llms, ref, names, seed=s, judge_noise=sc.judge.noise,
-                                     judge_cost_usd=sc.judge.cost_usd)
+                res = frontier_table(wl, llms, ref, names, seed=s, judge=sc.judge)
         except RouteSimError as exc:
             fail(exc)
         console.print(aiq_rich_table(res.summary, f"{sc.name}: AIQ on the test split "

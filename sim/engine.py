@@ -598,7 +598,7 @@ class Simulation:
                 qual, kept = max(
                     tk.results, key=lambda p: (self._judge_score(p[1], p[0]), -p[1].answer)
                 )
-                self.rec.cols["cost_usd"][rid] += self.sc.judge.cost_usd * len(tk.results)
+                self.rec.cols["cost_usd"][rid] += sum(self._judge_cost(j) for _, j in tk.results)
             else:  # the primary failed or gave up: deliver the first other answer
                 qual, kept = tk.results[0]
             self._finish(rid, COMPLETED, t, kept, qual, wait=kept.start_s - kept.enq_s)
@@ -629,9 +629,15 @@ class Simulation:
                         if noise else 0.0)
         return min(1.0, max(0.0, score))
 
+    def _judge_cost(self, job: Job) -> float:
+        """What judging a job's answer costs: per call plus the tokens the judge reads."""
+        row = self._rows_l[job.rid]
+        return float(self.sc.judge.answer_cost_usd(self._in_tok_l[row],
+                                                   float(self._out_tok[row, job.dep.col])))
+
     def _ask_escalation(self, job: Job, qual: float, now: float) -> Decision | None:
         self._observe(now)
-        self.rec.cols["cost_usd"][job.rid] += self.sc.judge.cost_usd  # the answer is judged
+        self.rec.cols["cost_usd"][job.rid] += self._judge_cost(job)  # the answer is judged
         ans = Answer(job.dep.name, self._judge_score(job, qual), job.cost_usd, now - job.enq_s)
         view = self.cluster.view
         view.now = now

@@ -15,6 +15,7 @@ import numpy as np
 
 from sim.context import request_cost_usd
 from sim.errors import RouteSimError
+from sim.scenario import JudgeSpec
 from sim.types import Answer, ClusterView, Decision, Feedback, LLMInfo, Query, Workload
 
 
@@ -57,8 +58,7 @@ def evaluate_offline(
     reference: LLMInfo,
     feedback_probability: float = 0.0,
     feedback_noise: float = 0.0,
-    judge_noise: float = 0.5,
-    judge_cost_usd: float = 0.0,
+    judge: JudgeSpec | None = None,
     seed: int = 0,
     max_attempts: int = 8,
 ) -> OfflineResult:
@@ -66,8 +66,10 @@ def evaluate_offline(
 
     `policy.setup` must already have been called. Feedback (probability, label-flip noise)
     and the cascade judge use their own generators from `seed`, so two policies evaluated with
-    the same seed see the same users.
+    the same seed see the same users. `judge`: the scorer of cascade answers and best-judged
+    fan-outs, and what it costs (default: the scenario default, 84% accurate and free).
     """
+    judge = judge or JudgeSpec()
     view = idle_view(llms)
     index = {x.name: i for i, x in enumerate(llms)}
     ss = np.random.SeedSequence(seed)
@@ -76,7 +78,7 @@ def evaluate_offline(
     gives_fb = fb_rng.random(n) < feedback_probability
     flips = fb_rng.random(n) < feedback_noise
     # One judge draw per LLM call; a single fan-out may call every LLM, past max_attempts.
-    judge_eps = judge_rng.normal(0.0, judge_noise, size=(n, max_attempts + len(llms)))
+    judge_eps = judge_rng.normal(0.0, judge.noise, size=(n, max_attempts + len(llms)))
     pin = view.price_in_per_mtok
     pout = view.price_out_per_mtok
     cols = view.model_cols
@@ -101,6 +103,7 @@ def evaluate_offline(
         while decision is not None:
             targets = (decision.llm, *decision.extra)
             quals = []
+            answer_tokens = []
             for name in targets:
                 j = index.get(name)
                 if j is None:
@@ -115,6 +118,7 @@ def evaluate_offline(
                     )
                 )
                 quals.append((qual, j, k))
+                answer_tokens.append(float(workload.output_tokens[row, cols[j]]))
                 k += 1
             # Ties go to the earlier answer of the decision (the primary first).
             if decision.keep == "best_realised":
@@ -125,14 +129,15 @@ def evaluate_offline(
                     quals,
                     key=lambda p: (float(np.clip(p[0] + judge_eps[i, p[2]], 0.0, 1.0)), -p[2]),
                 )
-                cost_sum += judge_cost_usd * len(quals)
+                cost_sum += float(np.sum(judge.answer_cost_usd(q.input_tokens,
+                                                               np.array(answer_tokens))))
             else:
                 kept_quality, kept, _ = quals[0]
             # As in the engine: a fan-out ends the request; a single answer goes to the
             # judge and then to on_answer, for policies that want answers (cascades).
             if k >= max_attempts or decision.extra or not _wants_answers(policy):
                 break
-            cost_sum += judge_cost_usd
+            cost_sum += judge.answer_cost_usd(q.input_tokens, answer_tokens[0])
             ans = Answer(
                 llm=llms[kept].name,
                 judge_score=float(np.clip(kept_quality + judge_eps[i, k - 1], 0.0, 1.0)),

@@ -299,13 +299,19 @@ class JudgeSpec(Spec):
     The default 0.5 makes a 0/1 answer misjudged (score on the wrong side of 0.5) with
     probability P(Z > 1) = 16%: a scorer of about 84% accuracy, the range of the small
     learned answer scorers FrugalGPT uses. Lower noise makes cascades look near-oracle.
-    `cost_usd` is what one judged answer costs (a scorer call), added to its request's cost:
-    0 for a small local scorer; an LLM-as-judge call costs about its prompt and verdict
-    tokens at that LLM's prices.
+    Each judged answer adds to its request's cost `cost_usd` (per call: a scorer's fee, or
+    an LLM judge's instruction and verdict tokens) plus `price_in_per_mtok` per million
+    tokens the judge reads: the query and the answer. Both 0 (the default): a small local
+    scorer. An LLM-as-judge is its input price here and its fixed tokens in `cost_usd`.
     """
 
     noise: Annotated[float, Field(ge=0, le=1)] = 0.5
     cost_usd: NonNegFloat = 0.0
+    price_in_per_mtok: NonNegFloat = 0.0
+
+    def answer_cost_usd(self, input_tokens, output_tokens):
+        """What judging one answer costs (scalars or numpy arrays)."""
+        return self.cost_usd + (input_tokens + output_tokens) * (self.price_in_per_mtok / 1e6)
 
 
 class PolicySpec(Spec):

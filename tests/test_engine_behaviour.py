@@ -481,3 +481,31 @@ def test_each_judged_answer_costs_the_judges_price(which):
     extra = (paid["cost_usd"] - free["cost_usd"]).to_numpy()
     np.testing.assert_allclose(extra, 0.01 * paid["attempts"].to_numpy(), atol=1e-12)
     assert (paid["attempts"] > 1).any()
+
+
+@pytest.mark.parametrize("which", ["cascade", "best_judged"])
+def test_a_judge_priced_per_token_bills_the_query_and_each_answer_it_reads(which):
+    def go(judge):
+        sc = scenario(duration_s=200, llms=[llm("gpt-4", slots=100),
+                                            llm("mistral-7b", slots=100, price_in_per_mtok=0.2,
+                                                price_out_per_mtok=0.2)],
+                      judge={"noise": 0.5, **judge}, run={"drain_s": None})
+        pol = (Escalate() if which == "cascade"
+               else Fixed(prefs=("mistral-7b",), extra=("gpt-4",), keep="best_judged"))
+        res, inputs = run(sc, pol)
+        return res.requests, inputs.workload
+
+    (free, wl), (paid, _) = go({}), go({"cost_usd": 0.001, "price_in_per_mtok": 300.0})
+    assert paid["llm"].equals(free["llm"]) and paid["attempts"].equals(free["attempts"])
+    # Both policies call mistral first and gpt-4 as the second call; the judge reads the
+    # query and the answer of each call it scores.
+    rows = paid["row"].to_numpy()
+    calls = paid["attempts"].to_numpy()
+    out_tok = {name: wl.output_tokens[rows, wl.model_index(name)].astype(float)
+               for name in ("mistral-7b", "gpt-4")}
+    inp = paid["input_tokens"].to_numpy().astype(float)
+    read = calls * inp + out_tok["mistral-7b"] + np.where(calls > 1, out_tok["gpt-4"], 0.0)
+    expected = 0.001 * calls + read * 300.0 / 1e6
+    np.testing.assert_allclose((paid["cost_usd"] - free["cost_usd"]).to_numpy(), expected,
+                               rtol=1e-9, atol=1e-12)
+    assert (calls > 1).any() and (calls == 1).any() if which == "cascade" else (calls == 2).all()

@@ -27,6 +27,7 @@ from sim.engine import Simulation, prepare_inputs
 from sim.errors import PolicyError
 from sim.offline import evaluate_offline, idle_view
 from sim.runner import build_workload
+from sim.scenario import JudgeSpec
 from sim.types import (
     SPLIT_TEST,
     SPLIT_TRAIN,
@@ -188,10 +189,12 @@ def test_top_k_keep_rules_order_as_they_should_offline():
     llms = infos(wl)
     rows = wl.rows(SPLIT_TEST)
 
-    def kept(keep: str, judge_noise: float = 0.5, judge_cost: float = 0.0):
+    def kept(keep: str, judge_noise: float = 0.5, judge_cost: float = 0.0,
+             judge_per_mtok: float = 0.0):
         pol = make_policy(wl, llms, top_k=2, keep=keep)
-        return evaluate_offline(pol, wl, llms, rows, reference=llms[-1], judge_noise=judge_noise,
-                                judge_cost_usd=judge_cost)
+        judge = JudgeSpec(noise=judge_noise, cost_usd=judge_cost,
+                          price_in_per_mtok=judge_per_mtok)
+        return evaluate_offline(pol, wl, llms, rows, reference=llms[-1], judge=judge)
 
     primary, judged, realised = kept("primary"), kept("best_judged"), kept("best_realised")
     assert judged.realised_picks == 0 and primary.realised_picks == 0
@@ -206,6 +209,19 @@ def test_top_k_keep_rules_order_as_they_should_offline():
     np.testing.assert_array_equal(billed.chosen, judged.chosen)
     assert billed.cost_usd == pytest.approx(judged.cost_usd + 0.01 * 2 * len(rows))
     assert kept("best_realised", judge_cost=0.01).cost_usd == pytest.approx(realised.cost_usd)
+    # Priced per token, the judge reads the query and both answers. Which two LLMs answered
+    # a row is the policy's choice: replayed on a fresh copy, as evaluate_offline routes.
+    per_token = kept("best_judged", judge_per_mtok=50.0)
+    np.testing.assert_array_equal(per_token.chosen, judged.chosen)
+    replay, view, read = make_policy(wl, llms, top_k=2, keep="best_judged"), idle_view(llms), 0.0
+    col = {x.name: x.model_col for x in llms}
+    for i, row in enumerate(rows):
+        q = Query(id=i, row=int(row), arrival_s=float(i),
+                  input_tokens=int(wl.input_tokens[row]), task=int(wl.task[row]))
+        d = replay.route(q, view)
+        read += sum(q.input_tokens + float(wl.output_tokens[row, col[name]])
+                    for name in (d.llm, *d.extra))
+    assert per_token.cost_usd == pytest.approx(judged.cost_usd + read * 50.0 / 1e6)
     # A noisy judge sometimes keeps the worse answer, but mostly not: at noise 0.5 it orders
     # a right and a wrong answer correctly with probability about P(N(0, 2 * 0.5^2) < 1) =
     # 0.92 (clipping aside). Here (237 test rows) the second answer is the better one on 13
