@@ -12,7 +12,8 @@ stop as soon as a scorer trusts the answer. Here:
 - after each answer, the acceptance rule is P(answer good | judge score, predicted quality of
   that LLM on this query) >= `accept_threshold`, a per-LLM logistic calibration fitted on the
   training rows with simulated judge scores (realised quality + N(0, judge_noise), clipped
-  to [0, 1], the same noise model as the engine's judge) and "good" = quality >= 0.5;
+  to [0, 1], the same noise model as the engine's judge; `judge_noise` defaults to the
+  scenario's `judge.noise`) and "good" = quality >= 0.5;
   predicted quality is a leave-one-out cosine kNN mean;
 - the last rung is always accepted. Every attempt is paid for and queued.
 
@@ -68,7 +69,9 @@ class CascadeParams(BaseModel):
     accept_threshold: float | None = Field(default=None, ge=0, le=1)  # None: on validation
     chain: tuple[str, ...] | None = None  # deployment names, cheapest first; None: learned
     max_chain: int = Field(default=3, ge=1)
-    judge_noise: float = Field(default=0.5, ge=0, le=1)  # the scenario's judge.noise
+    # None: the scenario's judge.noise (PolicyContext.judge_noise); set it to calibrate for
+    # a judge believed to be sharper or blunter than it is.
+    judge_noise: float | None = Field(default=None, ge=0, le=1)
     judge_draws: int = Field(default=4, ge=1)  # simulated judge scores per training row
     k: int = Field(default=20, ge=1)  # neighbours of the quality predictor
     C: float = Field(default=1.0, gt=0)  # inverse L2 strength of the acceptance calibration
@@ -88,6 +91,8 @@ class CascadeRouter(LearnedRouter):
     def _fit(self, ctx: PolicyContext) -> None:
         n, m = len(ctx.features), len(ctx.workload_models)
         self._rng = np.random.default_rng(ctx.rng.integers(2**63 - 1))
+        self.judge_noise = (ctx.judge_noise if self.params.judge_noise is None
+                            else self.params.judge_noise)
         self._neighbours = nearest_neighbours(
             ctx.features, self.split.fit_rows, self.params.k, task=ctx.task
         )
@@ -96,7 +101,7 @@ class CascadeRouter(LearnedRouter):
         # Judge noise for validation simulations, one draw per (validation row, attempt), as
         # the engine draws a fresh score for every answer.
         self._valid_eps = self._rng.normal(
-            0.0, self.params.judge_noise, size=(len(self.split.valid), m)
+            0.0, self.judge_noise, size=(len(self.split.valid), m)
         )
         for x in ctx.llms:
             self._fit_column(x.model_col)
@@ -117,7 +122,7 @@ class CascadeRouter(LearnedRouter):
         reps = self.params.judge_draws
         q_true = np.tile(self.ctx.train.quality[fit, col].astype(np.float64), reps)
         q_pred = np.tile(self.q_hat[self.split.fit_rows, col], reps)
-        judge = np.clip(q_true + self._rng.normal(0.0, self.params.judge_noise, len(q_true)), 0, 1)
+        judge = np.clip(q_true + self._rng.normal(0.0, self.judge_noise, len(q_true)), 0, 1)
         good = (q_true >= _GOOD).astype(np.int64)
         if good.min() == good.max():
             # Always (or never) good on training rows: a constant acceptance probability.

@@ -58,6 +58,7 @@ def context_for(
     cache_dir: str | None = None,
     with_ground_truth: bool = False,
     train: TrainingSet | None = None,
+    judge_noise: float = 0.5,
 ) -> PolicyContext:
     """The `PolicyContext` for deployments already described as `LLMInfo`; ground truth of
     every row only when asked for (upper-bound policies)."""
@@ -82,6 +83,7 @@ def context_for(
         rng=rng,
         cache_dir=cache_dir,
         ground_truth=gt,
+        judge_noise=judge_noise,
     )
 
 
@@ -95,6 +97,7 @@ def build_policy_context(
     cache_dir: str | None = None,
     with_ground_truth: bool = False,
     train: TrainingSet | None = None,
+    judge_noise: float = 0.5,
 ) -> PolicyContext:
     """The `PolicyContext` for the scenario's initial `llms` (specs checked against the
     workload's models)."""
@@ -102,7 +105,7 @@ def build_policy_context(
     return context_for(
         workload, infos, reference_llm=reference_llm, rng=rng,
         patience_mean_s=patience_mean_s, cache_dir=cache_dir,
-        with_ground_truth=with_ground_truth, train=train,
+        with_ground_truth=with_ground_truth, train=train, judge_noise=judge_noise,
     )
 
 

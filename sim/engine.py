@@ -227,6 +227,7 @@ class Simulation:
             patience_mean_s=scenario.users.patience_s.mean if scenario.users.patience_s else None,
             cache_dir=cache_dir,
             with_ground_truth=bool(getattr(policy, "uses_ground_truth", False)),
+            judge_noise=scenario.judge.noise,
         )
         policy.setup(ctx)
         # Hot-path locals.

@@ -114,6 +114,8 @@ class PolicyContext:
     rng: np.random.Generator
     cache_dir: str | None = None
     ground_truth: GroundTruth | None = None
+    # The scenario judge's noise sd: a deployment knows its answer scorer's calibration.
+    judge_noise: float = 0.5
 
 
 @dataclass(slots=True)

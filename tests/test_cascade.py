@@ -131,6 +131,39 @@ def test_noisier_judge_is_trusted_less(wl):
     assert sharp.chain == ("small", "large")
 
 
+def test_the_acceptance_rule_is_calibrated_for_the_scenarios_judge(wl):
+    """Without a judge_noise param the cascade calibrates for the judge it will meet (the
+    scenario's judge.noise, via PolicyContext); the param overrides it."""
+    from dataclasses import replace
+
+    def fitted(ctx_noise, **params):
+        pol = registry.create("cascade", {"chain": ["small", "large"], **params})
+        pol.setup(replace(context(wl, llm_infos()), judge_noise=ctx_noise))
+        return pol
+
+    sharp_scenario = fitted(0.05)
+    assert sharp_scenario.judge_noise == 0.05
+    assert fitted(1.0, judge_noise=0.05).judge_noise == 0.05
+    args = (0, np.array([1.0]), np.array([0.5]))
+    assert sharp_scenario._p_good(*args)[0] == pytest.approx(
+        fitted(1.0, judge_noise=0.05)._p_good(*args)[0])
+    assert sharp_scenario._p_good(*args)[0] > fitted(1.0)._p_good(*args)[0]
+
+
+def test_the_engine_hands_the_scenarios_judge_noise_to_policies():
+    from helpers import llm, scenario
+    from sim.engine import Simulation, prepare_inputs
+    from sim.runner import build_workload
+
+    sc = scenario(duration_s=20, judge={"noise": 0.2},
+                  llms=[llm("gpt-4"), llm("mistral-7b", price_in_per_mtok=0.2,
+                                          price_out_per_mtok=0.2)])
+    pol = registry.create("cascade")
+    wl = build_workload(sc, sc.seed)
+    Simulation(sc, pol, prepare_inputs(sc, wl, sc.seed), seed=sc.seed)
+    assert pol.ctx.judge_noise == 0.2 and pol.judge_noise == 0.2
+
+
 def test_added_llm_joins_a_learned_chain(wl):
     pol = registry.create("cascade", {"accept_threshold": 0.5})
     pol.setup(context(wl, llm_infos(("mid", "large"))))
