@@ -139,7 +139,7 @@ def part_frontier(wl, llms, ref, baselines: list[str]) -> None:
             knob = "" if row["knob_value"] is None else f" {row['knob']}={row['knob_value']:g}"
             mark = "  <- default" if row["is_default"] else ""
             print(f"{name + knob:34s} {row['quality_pct']:9.1f} {row['cost_pct']:8.1f}{mark}")
-    print("\nAIQ (area under the non-decreasing hull over the table's cost range):")
+    print("\nAIQ (mean of the non-decreasing hull over the single LLMs' cost range):")
     for row in res.summary.iter_rows(named=True):
         print(f"  {row['policy']:20s} {row['aiq']:7.2f}")
     print("\nhull quality % at a cost level (mixllm vs baselines):")

@@ -63,6 +63,9 @@ class BasePolicy:
     label: ClassVar[str] = ""
     uses_ground_truth: ClassVar[bool] = False
     Params: ClassVar[type[BaseModel]] = NoParams
+    # Params whose values (a name or a sequence of names) name deployments present at setup:
+    # registry.check_llm_params checks them against a scenario before anything runs.
+    llm_params: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, params: BaseModel | None = None):
         self.params = params if params is not None else self.Params()

@@ -84,6 +84,7 @@ class CascadeRouter(LearnedRouter):
 
     name: ClassVar[str] = "cascade"
     Params: ClassVar[type[BaseModel]] = CascadeParams
+    llm_params: ClassVar[tuple[str, ...]] = ("chain",)
     tradeoff_param: ClassVar[str] = "accept_threshold"
     tradeoff_grid: ClassVar[tuple[float, ...]] = ACCEPT_GRID
 

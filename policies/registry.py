@@ -7,7 +7,7 @@ Built-in policies register when their module is imported; `_BUILTIN_MODULES` lis
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pydantic import ValidationError
@@ -91,6 +91,26 @@ def validate_params(name: str, params: Mapping[str, Any] | None, *, field: str =
             f"{err['msg']} (got {err.get('input')!r}){allowed}",
             field=f"{field}.params.{loc}" if loc else f"{field}.params",
         ) from None
+
+
+def check_llm_params(
+    name: str, params: Mapping[str, Any] | None, llm_names: Sequence[str], *, field: str
+) -> None:
+    """Params that name deployments (the class's `llm_params`) must name LLMs in
+    `llm_names` (those present at setup): checked before a run, not halfway through it."""
+    cls = get(name, field=field)
+    validated = validate_params(name, params, field=field)
+    for param in getattr(cls, "llm_params", ()):
+        value = getattr(validated, param)
+        given = [value] if isinstance(value, str) else list(value or ())
+        unknown = [v for v in given if v not in llm_names]
+        if unknown:
+            what = (f"{value!r} is" if isinstance(value, str)
+                    else f"{list(value)!r} lists {', '.join(map(repr, unknown))},")
+            raise PolicyError(
+                f"{what} not an LLM present at the start; choose from: {', '.join(llm_names)}",
+                field=f"{field}.params.{param}",
+            )
 
 
 def create(name: str, params: Mapping[str, Any] | None = None, *, field: str = "policy"):

@@ -55,6 +55,7 @@ class ThresholdRouter(LearnedRouter):
 
     name: ClassVar[str] = "threshold"
     Params: ClassVar[type[BaseModel]] = ThresholdParams
+    llm_params: ClassVar[tuple[str, ...]] = ("strong", "weak")
     tradeoff_param: ClassVar[str] = "strong_share"
     tradeoff_grid: ClassVar[tuple[float, ...]] = SHARE_GRID
 

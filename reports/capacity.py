@@ -276,7 +276,7 @@ class Planner:
             raise RouteSimError(
                 "no self-hosted LLM to size: give the LLMs to plan a replica_cost_per_hour > 0 "
                 f"(LLMs: {', '.join(s.name for s in scenario.all_llms())})",
-                source=scenario.name, field="llms.replica_cost_per_hour",
+                field="llms.replica_cost_per_hour",
             )
         self.scenario = scenario.model_copy(
             update={"slo": scenario.slo.model_copy(update={"p95_wait_s": slo_p95_wait_s})}

@@ -57,7 +57,8 @@ def plan(
 ) -> None:
     """Cheapest replica counts of the self-hosted LLMs meeting a p95 wait SLO."""
     from reports.capacity import Planner, write_plan
-    from sim.cli import console, fail
+    from sim.cli import _source_of, console, fail
+    from sim.record import check_out_dir
     from sim.scenario import load_scenario
 
     def show(ev) -> None:
@@ -69,6 +70,7 @@ def plan(
         )
 
     try:
+        check_out_dir(out, field="--out")
         sc = load_scenario(scenario)
         planner = Planner(sc, policy, slo_p95_wait, max_replicas=max_replicas,
                           quality_floor=quality_floor, seeds=seeds,
@@ -79,7 +81,7 @@ def plan(
         result = planner.plan()
         json_path, html_path = write_plan(result, out)
     except RouteSimError as exc:
-        fail(exc)
+        fail(exc.with_source(_source_of(scenario)))
     t = Table(title="plan" if result.feasible else "best found (target NOT met)")
     t.add_column("LLM")
     t.add_column("replicas", justify="right")

@@ -15,13 +15,16 @@ section 3): with R~ the non-decreasing convex hull of a router's (cost, quality)
 
     AIQ = 1 / (c_max - c_min) * integral_{c_min}^{c_max} R~(c) dc
 
-where [c_min, c_max] is the cost range of all compared points (routers, single LLMs, random,
-oracle) in one table. R~ is 0 below the router's cheapest point (it cannot spend less; the
-RouterBench code integrates from the router's first hull point too), linear between hull
-vertices (randomly mixing two settings reaches any point between them) and flat after its
-best point. Quality and cost are % of the reference LLM on the same rows, so AIQ is in
-quality-% units. RouterBench's "zero router" (mixing the LLMs without looking at the query)
-is the hull of the single-LLM points; a router is only useful if it beats it.
+where [c_min, c_max] is the cost range of the single LLMs (the cheapest alone to the dearest
+alone): a property of the workload and its LLMs, so a router's AIQ does not change with the
+other routers in the table (a cascade running its whole chain costs more than any one LLM,
+and a range widened to it would move everyone's AIQ). R~ is 0 below the router's cheapest
+point (it cannot spend less; the RouterBench code integrates from the router's first hull
+point too), linear between hull vertices (randomly mixing two settings reaches any point
+between them) and flat after its best point. Quality and cost are % of the reference LLM on
+the same rows, so AIQ is in quality-% units. RouterBench's "zero router" (mixing the LLMs
+without looking at the query) is the hull of the single-LLM points; a router is only useful
+if it beats it.
 
 No plotting here: the CLI and HTML reports read the tables this module returns.
 """
@@ -363,10 +366,10 @@ def frontier_points(
 
 def aiq_table(points: pl.DataFrame) -> pl.DataFrame:
     """One row per policy (each router, the zero router, random, the oracle): its AIQ over
-    the cost range of all points, its default point, and its hull quality at random's cost
-    (`beats_random`: that quality exceeds random's)."""
-    c_min = float(points["cost_pct"].min())
-    c_max = float(points["cost_pct"].max())
+    the single LLMs' cost range (see the module docstring), its default point, and its hull
+    quality at random's cost (`beats_random`: that quality exceeds random's)."""
+    singles = points.filter(pl.col("kind") == "llm")["cost_pct"]
+    c_min, c_max = float(singles.min()), float(singles.max())
     rand = points.filter(pl.col("kind") == "random").row(0, named=True)
     groups: list[tuple[str, str, pl.DataFrame]] = [
         ("zero_router", "zero_router", points.filter(pl.col("kind") == "llm"))

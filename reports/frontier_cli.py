@@ -81,18 +81,19 @@ def register(app: typer.Typer) -> None:
             "--policy", "-p", help="router to sweep (repeat); default: every learned one")]
             = None,
         out: Annotated[Path, typer.Option(help="output directory")] = Path("frontier"),
-        seed: Annotated[int | None, typer.Option(help="seed (default: the scenario's)")]
-            = None,
+        seed: Annotated[int | None, typer.Option(
+            min=0, help="seed (default: the scenario's)")] = None,
     ) -> None:
         """Sweep each router's trade-off knob on the test split (uncongested): frontier + AIQ."""
         from policies import registry
         from reports.frontier import frontier_table
         from sim.cli import console, fail, load_for_cli
         from sim.context import llm_info
-        from sim.record import write_parquet, write_text
+        from sim.record import check_out_dir, write_parquet, write_text
         from sim.runner import build_workload
 
         try:
+            check_out_dir(out, field="--out")
             sc = load_for_cli(scenario, data)
             names = policy or _routers()
             for i, n in enumerate(names):

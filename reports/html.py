@@ -20,6 +20,7 @@ from reports.page import Page, esc
 from reports.rundata import ScenarioRuns, discover_runs
 from reports.single_llm import single_llm_points
 from sim.compare import METRICS_BY_KEY, compare, format_diff, format_mean, upper_bound_policies
+from sim.errors import RouteSimError
 
 REQUEST_COLUMNS = [
     "arrival_s", "llm", "outcome", "wait_s", "latency_s", "cost_usd", "end_s", "ref_cost_usd",
@@ -43,10 +44,16 @@ def write_run_report(out_dir: Path, *, baseline: str | None = None) -> Path:
 
     `baseline`: policy the summary table's paired differences are taken against; default:
     the one `routesim run --baseline` recorded in OUT/summary.parquet, else each
-    scenario's first policy. A directory without runs raises RouteSimError.
+    scenario's first policy. A directory without runs, or a `baseline` that is a policy of
+    no scenario, raises RouteSimError.
     """
     out = Path(out_dir)
     scenarios = discover_runs(out)
+    if baseline is not None and not any(baseline in s.policies for s in scenarios):
+        choices = dict.fromkeys(p for s in scenarios for p in s.policies)
+        raise RouteSimError(
+            f"{baseline!r} is not a policy of the runs here; choose one of: "
+            f"{', '.join(choices)}", source=str(out), field="--baseline")
     recorded = _recorded_baselines(out)
     page = Page(f"routesim report: {', '.join(s.name for s in scenarios)}")
     if len(scenarios) > 1:

@@ -2,7 +2,8 @@
 
 Layout (DESIGN.md "Outputs"): OUT/<scenario>/scenario.yaml and
 OUT/<scenario>/<policy>/seed<k>/{summary.json, requests.parquet, timeline.parquet,
-events.parquet}. Only these files are read; nothing is simulated again.
+events.parquet}, and OUT/summary.parquet, which (when present) lists the runs to report.
+Only these files are read; nothing is simulated again.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import polars as pl
 import yaml
 
 from sim.errors import RouteSimError
-from sim.runner import summaries_frame
+from sim.runner import OLD_MARK, PARTIAL_MARK, summaries_frame
 from sim.scenario import Scenario, parse_scenario
 
 
@@ -118,8 +119,9 @@ def discover_runs(out_dir: str | Path) -> list[ScenarioRuns]:
     )
     if not out.is_dir():
         raise RouteSimError(f"no such directory; {hint}", source=str(out))
+    listed = _listed_runs(out / "summary.parquet")
     found: list[ScenarioRuns] = []
-    for sdir in sorted(p for p in out.iterdir() if p.is_dir()):
+    for sdir in sorted(p for p in out.iterdir() if p.is_dir() and not _is_staging(p)):
         runs = []
         for summary_path in sorted(sdir.glob("*/seed*/summary.json")):
             try:
@@ -132,7 +134,9 @@ def discover_runs(out_dir: str | Path) -> list[ScenarioRuns]:
                 raise RouteSimError(
                     "not a routesim summary (needs keys policy and seed)", source=str(summary_path)
                 )
-            runs.append(RunFiles(summary_path.parent, summary))
+            key = (str(summary.get("scenario")), str(summary["policy"]), int(summary["seed"]))
+            if listed is None or key in listed:
+                runs.append(RunFiles(summary_path.parent, summary))
         if runs:
             scenario = _load_scenario(sdir / "scenario.yaml")
             name = scenario.name if scenario is not None else str(runs[0].summary.get(
@@ -141,3 +145,26 @@ def discover_runs(out_dir: str | Path) -> list[ScenarioRuns]:
     if not found:
         raise RouteSimError(f"no runs found; {hint}", source=str(out))
     return found
+
+
+def _is_staging(path: Path) -> bool:
+    """A scenario directory `routesim run` is still writing, or one left by a failed run."""
+    return path.name.startswith(".") and (PARTIAL_MARK in path.name or OLD_MARK in path.name)
+
+
+def _listed_runs(path: Path) -> set[tuple[str, str, int]] | None:
+    """(scenario, policy, seed) of every run OUT/summary.parquet lists (None: no file).
+
+    `routesim run` writes it last, so it names the runs that finished: a run directory it
+    does not list is stale (e.g. left by an older routesim) and is not reported."""
+    if not path.is_file():
+        return None
+    try:
+        df = pl.read_parquet(path, columns=["scenario", "policy", "seed"])
+    except Exception as exc:  # noqa: BLE001 - any unreadable parquet is the same user error
+        raise RouteSimError(
+            "cannot read the list of runs (needs columns scenario, policy, seed): "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+            source=str(path),
+        ) from None
+    return {(str(s), str(p), int(k)) for s, p, k in df.iter_rows()}

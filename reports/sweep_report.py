@@ -223,8 +223,10 @@ def sweep_report_html(out: str | Path) -> str:
         parts.append(_table(ok.sort("index"), summary_cols, limit=500))
     body = "\n".join(parts)
     for i, fig in enumerate(figs):
-        div = fig.to_html(full_html=False, include_plotlyjs=(i == 0), config={
-            "displaylogo": False})
+        # A fixed div id: plotly's default is a random UUID, so the same sweep would give a
+        # different file every time.
+        div = fig.to_html(full_html=False, include_plotlyjs=(i == 0), div_id=f"fig{i}",
+                          config={"displaylogo": False})
         body = body.replace(f"@@FIG{i}@@", f"<div class='fig'>{div}</div>", 1)
     return (
         "<!DOCTYPE html><html><head><meta charset='utf-8'>"

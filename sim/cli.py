@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -20,6 +21,7 @@ from sim.scenario import (
     DEFAULT_SCENARIO,
     Scenario,
     builtin_scenarios,
+    check_input_files,
     load_scenario,
 )
 
@@ -37,17 +39,27 @@ EXIT_BAD_INPUT = 2
 
 
 def fail(exc: BaseException) -> None:
-    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+    # The message is plain text: "routesim[ray]" or a policy named "x[bold]" must print as is.
+    err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, markup=True,
+                      soft_wrap=True)
     raise typer.Exit(EXIT_BAD_INPUT)
 
 
 def load_for_cli(scenario: str | None, data: str | None = None) -> Scenario:
+    """The scenario with `--data` applied; every file it reads checked to exist."""
     sc = load_scenario(scenario or DEFAULT_SCENARIO)
     if data is not None:
+        if sc.workload.source == "synthetic":
+            raise RouteSimError(
+                f"scenario {sc.name!r} has a synthetic workload (workload.source); --data "
+                "replaces the data file of a 'routerbench' workload",
+                field="--data",
+            )
         if not Path(data).is_file():
             raise RouteSimError("no such file", source=data, field="--data")
         wl = sc.workload.model_copy(update={"path": str(Path(data).resolve())})
         sc = sc.model_copy(update={"workload": wl})
+    check_input_files(sc)
     return sc
 
 
@@ -79,10 +91,12 @@ def run(
 ) -> None:
     """Simulate every (policy, seed) of a scenario and compare them."""
     from sim.compare import compare, compare_tables, upper_bound_policies
+    from sim.record import check_out_dir
     from sim.runner import check_models, resolve_policies
     from sim.runner import run as run_all
 
     try:
+        check_out_dir(out, field="--out")
         sc = load_for_cli(scenario, data)
         specs = resolve_policies(sc, policy)
         check_models(sc)
@@ -111,12 +125,14 @@ def run(
             prog.update(task, completed=done["n"])
 
         try:
-            res = run_all(sc, specs, seeds, out, keep_requests=False,
+            # `policy`, not `specs`: errors then name the entry as written (policies.1, or
+            # --policy).
+            res = run_all(sc, policy, seeds, out, keep_requests=False,
                           on_progress=on_progress, on_run_done=on_done,
                           baseline=baseline or labels[0])
         except RouteSimError as exc:
             prog.stop()
-            fail(exc)
+            fail(exc.with_source(_source_of(scenario)))
     comparison = compare(res.summaries, baseline or labels[0])
     title = (f"{sc.name}: mean ± 95% CI over {seeds} seed(s), "
              f"SLO p95 wait <= {sc.slo.p95_wait_s}s")
@@ -140,12 +156,15 @@ def run(
 @app.command()
 def validate(
     file: Annotated[str, typer.Argument(help="scenario YAML")],
+    data: Annotated[str | None, typer.Option(
+        help="workload data file (overrides workload.path)")] = None,
 ) -> None:
-    """Check a scenario file (and its policies) without running it."""
+    """Check a scenario file (its fields, policies, and the files it reads) without running
+    it."""
     from sim.runner import check_models, resolve_policies
 
     try:
-        sc = load_scenario(file)
+        sc = load_for_cli(file, data)
         specs = resolve_policies(sc)
         check_models(sc)
     except RouteSimError as exc:

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from sim.errors import RouteSimError
+
 # Outcome codes (exactly one per request).
 COMPLETED, REJECTED, ABANDONED, FAILED, IN_FLIGHT = 0, 1, 2, 3, 4
 OUTCOMES = ("completed", "rejected", "abandoned", "failed", "in_flight")
@@ -120,6 +122,20 @@ class GrowingColumns:
 
 
 # ----------------------------------------------------------------------------- atomic I/O
+def check_out_dir(path: str | Path, *, field: str = "out") -> None:
+    """Raise unless `path` is or can become a directory: checked before any work, so a
+    mistyped --out fails at once rather than after the whole simulation."""
+    p = Path(path)
+    for q in (p, *p.parents):
+        if not q.exists():
+            continue
+        if not q.is_dir():
+            where = "exists and is not a directory" if q == p else f"{q} is not a directory"
+            raise RouteSimError(f"{where}; give a new or existing directory",
+                                source=str(p), field=field)
+        return
+
+
 def _atomic(path: Path, write: Callable[[Path], None]) -> None:
     """Write through a temp file in the same directory, then rename (no partial files)."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -2,13 +2,16 @@
 
 Layout (DESIGN.md "Outputs"): OUT/<scenario>/<policy>/seed<k>/{requests,timeline,events}
 .parquet and summary.json, OUT/<scenario>/scenario.yaml (the resolved config),
-OUT/summary.parquet across all runs. Every file is written atomically. Policies are created
-through `policies.registry` only (the engine's one door to policy code).
+OUT/summary.parquet across all runs. Every file is written atomically, and a scenario's
+directory appears (or replaces the previous one) only once all its runs succeeded. Policies
+are created through `policies.registry` only (the engine's one door to policy code).
 """
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +22,7 @@ import polars as pl
 from sim.engine import Simulation, prepare_inputs, subsystem_seed
 from sim.errors import PolicyError, RouteSimError
 from sim.metrics import summarize
-from sim.record import write_json, write_parquet, write_text
+from sim.record import check_out_dir, write_json, write_parquet, write_text
 from sim.scenario import (
     DEFAULT_SCENARIO,
     PolicySpec,
@@ -28,6 +31,10 @@ from sim.scenario import (
     load_scenario,
 )
 from sim.types import Workload
+
+# Staging names inside OUT (dot-prefixed: reports skip them; see `_Staging`).
+PARTIAL_MARK = ".partial-"
+OLD_MARK = ".old-"
 
 
 def _registry():
@@ -48,15 +55,29 @@ def resolve_policies(
         specs = scenario.policy_specs
         where = "policies"
     seen: set[str] = set()
+    dirs: dict[str, str] = {}
     for i, spec in enumerate(specs):
         f = f"{where}.{i}" if where == "policies" else where
         reg.validate_params(spec.name, spec.params, field=f)
+        reg.check_llm_params(spec.name, spec.params, [x.name for x in scenario.llms], field=f)
         if spec.display in seen:
             raise PolicyError(
                 f"policy label {spec.display!r} appears twice; give one of them a `label`",
                 field=f,
             )
         seen.add(spec.display)
+        # Each label names an output directory: two labels that map to one would overwrite
+        # each other (casefolded: on macOS and Windows "A" and "a" are one directory).
+        label_field = f"{f}.label" if where == "policies" else f
+        d = safe_dirname(spec.display, field=label_field)
+        if d.casefold() in dirs:
+            raise PolicyError(
+                f"labels {dirs[d.casefold()]!r} and {spec.display!r} give the same output "
+                f"directory {d!r}; give one of them a label that differs in a letter, digit, "
+                "'_', '.', '=' or '-'",
+                field=label_field,
+            )
+        dirs[d.casefold()] = spec.display
     return specs
 
 
@@ -106,8 +127,17 @@ class Results:
     out: Path | None = None
 
 
-def safe_dirname(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.=\-]+", "_", label)
+def safe_dirname(label: str, *, field: str | None = None) -> str:
+    """`label` as one directory name: runs of other characters become "_". A label that
+    would be "", "." or ".." (this directory or its parent) raises RouteSimError."""
+    name = re.sub(r"[^A-Za-z0-9_.=\-]+", "_", label)
+    if name in ("", ".", ".."):
+        raise RouteSimError(
+            f"{label!r} cannot name an output directory; use letters, digits, '_', '.', '=' "
+            "or '-', and not only dots",
+            field=field,
+        )
+    return name
 
 
 def run(
@@ -142,46 +172,59 @@ def run(
         raise RouteSimError("at least one seed is needed", field="seeds")
     reg = _registry()
     out_dir = Path(out) if out is not None else None
+    staging = None
+    if out_dir is not None:
+        check_out_dir(out_dir)
+        staging = _Staging(out_dir, scenario.name)
+    where = "--policy" if policies else "policies"
     summaries: list[dict[str, Any]] = []
     req_frames, tl_frames, ev_frames = [], [], []
-    for seed in seed_list:
-        workload = build_workload(scenario, seed)
-        inputs = prepare_inputs(scenario, workload, seed)
-        for spec in specs:
-            policy = reg.create(spec.name, spec.params)
-            upper_bound = bool(getattr(policy, "uses_ground_truth", False))
-            label = spec.display
-            cb = (lambda t, _l=label: on_progress(_l, t)) if on_progress else None
-            sim = Simulation(scenario, policy, inputs, seed=seed, cache_dir=cache_dir,
-                             progress=cb)
-            res = sim.run()
-            del sim, policy  # free the policy's models before the frames are summarised
-            summary = summarize(res.requests, res.timeline, scenario, label, seed)
-            summary["policy_name"] = spec.name
-            # Keeping fan-out answers by realised quality is ground truth too.
-            summary["upper_bound"] = upper_bound or res.realised_picks > 0
-            summaries.append(summary)
-            tag = {"scenario": scenario.name, "policy": label, "seed": seed}
-            if out_dir is not None:
-                d = out_dir / safe_dirname(scenario.name) / safe_dirname(label) / f"seed{seed}"
-                write_parquet(res.requests, d / "requests.parquet")
-                write_parquet(res.timeline, d / "timeline.parquet")
-                write_parquet(res.events, d / "events.parquet")
-                write_json(summary, d / "summary.json")
-            if keep_requests:
-                req_frames.append(_tagged(res.requests, tag))
-            tl_frames.append(_tagged(res.timeline, tag))
-            ev_frames.append(_tagged(res.events, tag))
-            if on_run_done:
-                on_run_done(summary)
-    from sim.compare import compare, with_comparison
+    try:
+        for seed in seed_list:
+            workload = build_workload(scenario, seed)
+            inputs = prepare_inputs(scenario, workload, seed)
+            for i, spec in enumerate(specs):
+                label = spec.display
+                cb = (lambda t, _l=label: on_progress(_l, t)) if on_progress else None
+                try:
+                    policy = reg.create(spec.name, spec.params)
+                    sim = Simulation(scenario, policy, inputs, seed=seed, cache_dir=cache_dir,
+                                     progress=cb)  # runs the policy's setup
+                except RouteSimError as exc:
+                    raise _at_entry(exc, spec, f"{where}.{i}" if where == "policies"
+                                    else where) from None
+                upper_bound = bool(getattr(policy, "uses_ground_truth", False))
+                res = sim.run()
+                del sim, policy  # free the policy's models before the frames are summarised
+                summary = summarize(res.requests, res.timeline, scenario, label, seed)
+                summary["policy_name"] = spec.name
+                # Keeping fan-out answers by realised quality is ground truth too.
+                summary["upper_bound"] = upper_bound or res.realised_picks > 0
+                summaries.append(summary)
+                tag = {"scenario": scenario.name, "policy": label, "seed": seed}
+                if staging is not None:
+                    d = staging.dir / safe_dirname(label) / f"seed{seed}"
+                    write_parquet(res.requests, d / "requests.parquet")
+                    write_parquet(res.timeline, d / "timeline.parquet")
+                    write_parquet(res.events, d / "events.parquet")
+                    write_json(summary, d / "summary.json")
+                if keep_requests:
+                    req_frames.append(_tagged(res.requests, tag))
+                tl_frames.append(_tagged(res.timeline, tag))
+                ev_frames.append(_tagged(res.events, tag))
+                if on_run_done:
+                    on_run_done(summary)
+        from sim.compare import compare, with_comparison
 
-    summary_df = summaries_frame(summaries)
-    summary_df = with_comparison(summary_df, compare(summary_df, baseline or specs[0].display))
-    if out_dir is not None:
-        write_text(dump_scenario(scenario), out_dir / safe_dirname(scenario.name)
-                   / "scenario.yaml")
-        write_parquet(summary_df, out_dir / "summary.parquet")
+        summary_df = summaries_frame(summaries)
+        summary_df = with_comparison(summary_df,
+                                     compare(summary_df, baseline or specs[0].display))
+        if staging is not None:
+            staging.commit(summary_df, dump_scenario(scenario))
+    except BaseException:
+        if staging is not None:
+            staging.abort()
+        raise
     return Results(
         summary=summary_df,
         requests=pl.concat(req_frames, how="diagonal") if req_frames else pl.DataFrame(),
@@ -190,6 +233,93 @@ def run(
         summaries=summaries,
         out=out_dir,
     )
+
+
+def _at_entry(exc: RouteSimError, spec: PolicySpec, entry: str) -> RouteSimError:
+    """A policy's setup error, placed at its entry in the scenario: policies name their own
+    params `<name>.params.x`, which the user wrote at `policies.<i>.params.x`."""
+    f = exc.field or ""
+    if f == spec.name or f.startswith(f"{spec.name}."):
+        return type(exc)(exc.message, source=exc.source, field=entry + f[len(spec.name):])
+    return type(exc)(f"{exc.message} (setting up policy {spec.display!r}, {entry})",
+                     source=exc.source, field=exc.field)
+
+
+class _Staging:
+    """One scenario's outputs, written under OUT/.<scenario>.partial-<pid> and moved to
+    OUT/<scenario> only when every run has succeeded: a failed or interrupted run leaves OUT
+    as it was, and a re-run replaces the scenario's directory instead of mixing into it."""
+
+    def __init__(self, out: Path, scenario_name: str):
+        self.out = out
+        self.name = scenario_name
+        base = safe_dirname(scenario_name, field="name")
+        self.target = out / base
+        pid = os.getpid()
+        self.dir = out / f".{base}{PARTIAL_MARK}{pid}"
+        self._old = out / f".{base}{OLD_MARK}{pid}"
+        self._summary = out / f".summary.parquet{PARTIAL_MARK}{pid}"
+        # Created here, so removed again on failure (the CLI promises no output directory
+        # from a failed run).
+        self._made = [p for p in (out, *out.parents) if not p.exists()]
+        self._kept = _other_scenarios(out / "summary.parquet", scenario_name)
+        _remove(self.dir)  # left by a killed run that had the same pid
+        self.dir.mkdir(parents=True)
+
+    def commit(self, summary: pl.DataFrame, scenario_yaml: str) -> None:
+        write_text(scenario_yaml, self.dir / "scenario.yaml")
+        # summary.parquet lists every run under OUT: other scenarios' rows stay.
+        merged = (pl.concat([self._kept, summary], how="diagonal_relaxed")
+                  if self._kept is not None else summary)
+        write_parquet(merged, self._summary)
+        _remove(self._old)
+        moved = self.target.exists() or self.target.is_symlink()
+        if moved:
+            os.rename(self.target, self._old)
+        try:
+            os.rename(self.dir, self.target)
+        except BaseException:
+            if moved:  # the previous result stays
+                os.rename(self._old, self.target)
+            raise
+        os.replace(self._summary, self.out / "summary.parquet")
+        _remove(self._old)
+        # It shows the runs it was made from; `routesim report` writes it again.
+        (self.out / "report.html").unlink(missing_ok=True)
+
+    def abort(self) -> None:
+        _remove(self.dir)
+        self._summary.unlink(missing_ok=True)
+        for p in self._made:  # deepest first
+            try:
+                p.rmdir()
+            except OSError:
+                break
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _other_scenarios(path: Path, scenario_name: str) -> pl.DataFrame | None:
+    """The rows of OUT/summary.parquet that belong to other scenarios (None: no rows)."""
+    if not path.exists():
+        return None
+    try:
+        df = pl.read_parquet(path)
+    except Exception as exc:  # noqa: BLE001 - any unreadable parquet is the same user error
+        raise RouteSimError(
+            f"cannot read it to keep the other scenarios' runs ({exc}); remove it or choose "
+            "another output directory", source=str(path)) from None
+    if "scenario" not in df.columns:
+        raise RouteSimError(
+            "not a routesim summary (no `scenario` column); remove it or choose another "
+            "output directory", source=str(path))
+    df = df.filter(pl.col("scenario") != scenario_name)
+    return df if df.height else None
 
 
 def _tagged(df: pl.DataFrame, tag: dict[str, Any]) -> pl.DataFrame:

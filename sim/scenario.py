@@ -23,12 +23,15 @@ from pydantic import (
 )
 
 from sim.errors import ScenarioError
+from sim.yamlfile import load_yaml
 
 
 class Spec(BaseModel):
     """Base of every config model: unknown keys are errors, objects are immutable."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # inf and NaN are never meaningful settings (an infinite rate or duration would only
+    # fail deep inside the run).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 PosFloat = Annotated[float, Field(gt=0)]
@@ -64,15 +67,15 @@ class LLMSpec(Spec):
     model: str | None = None  # workload model it serves; defaults to `name`
     price_in_per_mtok: NonNegFloat
     price_out_per_mtok: NonNegFloat
-    replicas: Annotated[int, Field(ge=1)] = 1
-    slots: Annotated[int, Field(ge=1)] = 8
+    replicas: Annotated[int, Field(strict=True, ge=1)] = 1
+    slots: Annotated[int, Field(strict=True, ge=1)] = 8
     prefill_tps: PosFloat = 5000.0
     decode_tps: PosFloat = 50.0
     # Per-sequence decode speed is decode_tps / (1 + batching_slowdown * (k - 1)) with k the
     # sequences sharing the replica when the sequence starts.
     batching_slowdown: NonNegFloat = 0.05
     first_token_s: NonNegFloat = 0.2
-    max_queue: Annotated[int, Field(ge=0)] = 1000
+    max_queue: Annotated[int, Field(strict=True, ge=0)] = 1000
     rate_limit_per_s: PosFloat | None = None
     replica_cost_per_hour: NonNegFloat = 0.0
     service: ServiceOverride | None = None
@@ -93,9 +96,9 @@ class EncoderSpec(Spec):
 
     kind: Literal["transformer", "hashing"] = "transformer"
     model_path: str | None = None
-    max_tokens: Annotated[int, Field(ge=8, le=4096)] = 256
-    batch_size: Annotated[int, Field(ge=1)] = 64
-    dim: Annotated[int, Field(ge=8)] = 384  # hashing encoder only
+    max_tokens: Annotated[int, Field(strict=True, ge=8, le=4096)] = 256
+    batch_size: Annotated[int, Field(strict=True, ge=1)] = 64
+    dim: Annotated[int, Field(strict=True, ge=8)] = 384  # hashing encoder only
     cache_dir: str | None = None
 
 
@@ -108,9 +111,9 @@ class WorkloadSpec(Spec):
     split: Literal["train", "test", "validation", "all"] = "test"
     sample: Literal["with_replacement", "without_replacement"] = "with_replacement"
     # synthetic workload
-    n_queries: Annotated[int, Field(ge=10)] = 6000
+    n_queries: Annotated[int, Field(strict=True, ge=10)] = 6000
     train_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.6
-    feature_dim: Annotated[int, Field(ge=4, le=1024)] = 32
+    feature_dim: Annotated[int, Field(strict=True, ge=4, le=1024)] = 32
     mix: dict[str, PosFloat] | None = None  # task family -> weight of the arriving queries
     train_mix: dict[str, PosFloat] | None = None  # family weights of the training split
     # real workload
@@ -175,7 +178,7 @@ class MMPPArrivals(Spec):
     kind: Literal["mmpp"]
     states: Annotated[list[MMPPState], Field(min_length=2)]
     transition: list[list[NonNegFloat]] | None = None
-    initial_state: Annotated[int, Field(ge=0)] = 0
+    initial_state: Annotated[int, Field(strict=True, ge=0)] = 0
 
     @model_validator(mode="after")
     def _shape(self) -> MMPPArrivals:
@@ -213,7 +216,7 @@ Arrivals = Annotated[
 class Outage(Spec):
     llm: str
     duration_s: PosFloat
-    replicas: Annotated[int, Field(ge=1)] | None = None  # default: all replicas
+    replicas: Annotated[int, Field(strict=True, ge=1)] | None = None  # default: all replicas
 
 
 class PriceChange(Spec):
@@ -329,7 +332,7 @@ class RunSpec(Spec):
 
     sample_every_s: PosFloat = 10.0
     drain_s: NonNegFloat | None = 600.0  # run at most this long after arrivals stop
-    max_retries: Annotated[int, Field(ge=0)] = 2
+    max_retries: Annotated[int, Field(strict=True, ge=0)] = 2
 
 
 # ------------------------------------------------------------------------------- scenario
@@ -338,7 +341,7 @@ class Scenario(Spec):
 
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")]
     description: str = ""
-    seed: Annotated[int, Field(ge=0)] = 0
+    seed: Annotated[int, Field(strict=True, ge=0)] = 0
     duration_s: PosFloat
     warmup_s: NonNegFloat = 0.0
     workload: WorkloadSpec = WorkloadSpec()
@@ -351,6 +354,14 @@ class Scenario(Spec):
     judge: JudgeSpec = JudgeSpec()
     run: RunSpec = RunSpec()
     policies: list[str | PolicySpec] = Field(default_factory=lambda: ["random"])
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_directory(cls, v: str) -> str:
+        # Outputs go to OUT/<name>: "." or ".." would write outside it.
+        if set(v) == {"."}:
+            raise ValueError("the name names the output directory: it may not be only dots")
+        return v
 
     @field_validator("policies")
     @classmethod
@@ -365,6 +376,13 @@ class Scenario(Spec):
             raise ValueError(
                 f"warmup_s={self.warmup_s} must be less than duration_s={self.duration_s}"
             )
+        self._check_families()
+        for idx, e in enumerate(self.events):
+            if e.at_s >= self.duration_s:
+                raise _FieldError(
+                    f"events.{idx}.at_s", e.at_s,
+                    f"must be before duration_s={self.duration_s:g} (when arrivals stop)",
+                )
         known: set[str] = set()
         for i, llm in enumerate(self.llms):
             if llm.name in known:
@@ -419,6 +437,27 @@ class Scenario(Spec):
                 f"must name one of the scenario's LLMs: {', '.join(sorted(ever))}",
             )
         return self
+
+    def _check_families(self) -> None:
+        """Mix keys of a synthetic workload are catalog families (a data file's task names
+        are checked when it is read)."""
+        if self.workload.source != "synthetic":
+            return
+        from sim.catalog import FAMILIES
+
+        mixes = [("workload.mix", self.workload.mix), ("workload.train_mix",
+                                                        self.workload.train_mix)]
+        mixes += [(f"events.{i}.mix_change.mix", e.mix_change.mix)
+                  for i, e in enumerate(self.events) if e.mix_change is not None]
+        for where, mix in mixes:
+            for family in mix or {}:
+                if family not in FAMILIES:
+                    hint = difflib.get_close_matches(family, FAMILIES, n=1)
+                    raise _FieldError(
+                        f"{where}.{family}", family,
+                        "unknown task family" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                        + f"; families: {', '.join(FAMILIES)}",
+                    )
 
     # ---------------------------------------------------------------------- conveniences
     @property
@@ -574,7 +613,7 @@ def load_scenario(path: str | Path) -> Scenario:
     except (OSError, UnicodeDecodeError) as exc:
         raise ScenarioError(f"cannot read: {exc}", source=source) from None
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -596,6 +635,20 @@ def _resolve_paths(scenario: Scenario, base: Path) -> Scenario:
     return scenario.model_copy(update=updates) if updates else scenario
 
 
+def check_input_files(scenario: Scenario) -> None:
+    """The files a scenario reads exist (checked before any run, so a missing trace or data
+    file is reported up front, not after earlier runs were written)."""
+    places = []
+    if isinstance(scenario.arrivals, TraceArrivals):
+        places.append(("arrivals.path", scenario.arrivals.path))
+    if scenario.workload.source != "synthetic" and scenario.workload.path:
+        places.append(("workload.path", scenario.workload.path))
+    for field, path in places:
+        if not Path(path).is_file():
+            hint = " (or give the data file with --data)" if field == "workload.path" else ""
+            raise ScenarioError(f"no such file: {path}{hint}", field=field)
+
+
 def builtin_scenarios() -> list[str]:
     """Names of the scenarios shipped in the `scenarios` package."""
     root = importlib.resources.files("scenarios")
@@ -603,8 +656,13 @@ def builtin_scenarios() -> list[str]:
 
 
 def builtin_scenario_path(name: str) -> Path | None:
-    """The shipped file for `name` (with or without .yaml, or scenarios/NAME.yaml)."""
-    stem = Path(name).name
+    """The shipped file for `name`: NAME, NAME.yaml or scenarios/NAME.yaml (the shipped
+    file's path in the repository, so documented commands work from any directory). Any
+    other directory is a path the user meant, never a built-in: None."""
+    given = Path(name)
+    if given.parent not in (Path("."), Path("scenarios")):
+        return None
+    stem = given.name
     stem = stem[:-5] if stem.endswith(".yaml") else stem
     candidate = importlib.resources.files("scenarios") / f"{stem}.yaml"
     path = Path(str(candidate))

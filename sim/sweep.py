@@ -61,7 +61,7 @@ from pydantic import (
 )
 
 from sim.errors import RouteSimError, ScenarioError
-from sim.record import write_json, write_parquet, write_text
+from sim.record import check_out_dir, write_json, write_parquet, write_text
 from sim.scenario import PolicySpec, Scenario, dump_scenario, load_scenario, parse_scenario
 
 CELLS_DIR = "cells"
@@ -696,10 +696,11 @@ def run_sweep(
     interrupted sweep resumes where it stopped; failed cells are tried again.
     """
     t0 = time.perf_counter()
+    out_dir = Path(out)
+    check_out_dir(out_dir)
     g = grid if isinstance(grid, Grid) else load_grid(grid)
     cells = expand(g)
     be = backend if isinstance(backend, Backend) else make_backend(backend, workers, address)
-    out_dir = Path(out)
     todo = [c for c in cells if not is_done(out_dir, c.cell_id)]
     skipped = len(cells) - len(todo)
     write_text(yaml.safe_dump(g.model_dump(mode="json"), sort_keys=False),
@@ -814,8 +815,20 @@ def read_sweep(out: str | Path) -> tuple[pl.DataFrame, dict[str, Any]]:
     if not p.is_file():
         raise RouteSimError("no sweep.parquet here; run `routesim sweep GRID.yaml` first",
                             source=str(o))
-    meta = json.loads((o / SWEEP_META).read_text()) if (o / SWEEP_META).is_file() else {}
-    return pl.read_parquet(p), meta
+    meta_path = o / SWEEP_META
+    try:
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RouteSimError(f"unreadable sweep metadata: {exc}", source=str(meta_path)) from None
+    if not isinstance(meta, dict):
+        raise RouteSimError("sweep metadata is not a JSON object", source=str(meta_path))
+    try:
+        df = pl.read_parquet(p)
+    except Exception as exc:  # noqa: BLE001 - any unreadable parquet is the same user error
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise RouteSimError(f"cannot read parquet ({first}); run the sweep again to rewrite "
+                            "it", source=str(p)) from None
+    return df, meta
 
 
 # ----------------------------------------------------------------------------------- CLI
@@ -848,9 +861,10 @@ def register(app) -> None:
 
         try:
             g = load_grid(grid)
+            out_dir = out or Path("runs") / "sweeps" / g.name
+            check_out_dir(out_dir, field="--out")
         except RouteSimError as exc:
             fail(exc)
-        out_dir = out or Path("runs") / "sweeps" / g.name
         if backend is BackendName.ray:
             try:
                 import ray  # noqa: F401

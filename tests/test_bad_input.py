@@ -68,6 +68,22 @@ CASES = {
                       "workload.reference_llm", "must name one of"),
     "warmup_too_long": (mutate(lambda d: d.update(warmup_s=200)), "warmup_s",
                         "less than duration_s"),
+    "infinite_duration": (mutate(lambda d: d.update(duration_s=float("inf"))), "duration_s",
+                          "finite number"),
+    "nan_rate": (mutate(lambda d: d["arrivals"].update(rate_per_s=float("nan"))),
+                 "arrivals.rate_per_s", "finite number"),
+    "boolean_seed": (mutate(lambda d: d.update(seed=True)), "seed", "valid integer"),
+    "fractional_slots": (mutate(lambda d: d["llms"][0].update(slots=2.0)), "llms.0.slots",
+                         "valid integer"),
+    "dots_name": (mutate(lambda d: d.update(name="..")), "name", "only dots"),
+    "event_after_arrivals_stop": (mutate(lambda d: d["events"][0].update(at_s=100)),
+                                  "events.0.at_s", "must be before duration_s=100"),
+    "unknown_family_in_mix": (
+        mutate(lambda d: d["workload"].update(mix={"cod": 1.0})), "workload.mix.cod",
+        "unknown task family (did you mean 'code'?)"),
+    "unknown_family_in_mix_change": (
+        mutate(lambda d: d["events"].append({"at_s": 60, "mix_change": {"mix": {"fooo": 1}}})),
+        "events.1.mix_change.mix.fooo", "unknown task family"),
 }
 
 
@@ -106,6 +122,26 @@ def test_unparseable_files(tmp_path, text, rule):
 def test_missing_file_lists_builtins(tmp_path):
     with pytest.raises(ScenarioError, match="no such file; built-in scenarios: .*load_spike"):
         load_scenario(tmp_path / "nope.yaml")
+
+
+def test_a_missing_file_is_never_replaced_by_the_builtin_of_that_name(tmp_path):
+    """Only a bare name (or the shipped scenarios/NAME.yaml path) means a built-in: a
+    missing file elsewhere that happens to be called steady.yaml is an error."""
+    with pytest.raises(ScenarioError, match="no such file"):
+        load_scenario(tmp_path / "experiments" / "steady.yaml")
+    res = runner.invoke(app, ["validate", str(tmp_path / "experiments" / "outage.yaml")])
+    assert res.exit_code == 2 and "no such file" in res.output
+    assert load_scenario("steady").name == load_scenario("steady.yaml").name == "steady"
+    assert load_scenario("scenarios/outage.yaml").name == "outage"
+
+
+def test_a_repeated_key_is_an_error_not_last_one_wins(tmp_path):
+    text = yaml.safe_dump(GOOD, sort_keys=False).replace(
+        "duration_s: 100\n", "duration_s: 100\nduration_s: 200\n")
+    p = write(tmp_path, text)
+    with pytest.raises(ScenarioError, match=r"malformed YAML at line \d+.*duplicate key "
+                                            r"'duration_s' \(first at line \d+\)"):
+        load_scenario(p)
 
 
 runner = CliRunner()
@@ -147,3 +183,44 @@ def test_cli_validate_ok_and_empty_file(tmp_path):
     assert res.exit_code == 0 and "ok" in res.output
     res = runner.invoke(app, ["validate", str(write(tmp_path, ""))])
     assert res.exit_code == 2 and "empty" in res.output and "Traceback" not in res.output
+
+
+def test_policy_params_naming_absent_llms_fail_validation_before_any_run(tmp_path):
+    p = write(tmp_path, mutate(lambda d: d.update(policies=[
+        "random", {"name": "threshold", "params": {"strong": "gpt-5"}}])))
+    res = runner.invoke(app, ["validate", str(p)])
+    assert res.exit_code == 2 and str(p) in res.output
+    assert "policies.1.params.strong" in res.output and "gpt-5" in res.output
+    assert "choose from: gpt-4, mistral-7b" in res.output
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["run", str(p), "--out", str(out)])
+    assert res.exit_code == 2 and not out.exists()  # random did not run first
+    p = write(tmp_path, mutate(lambda d: d.update(policies=[
+        {"name": "cascade", "params": {"chain": ["mistral-7b", "nope"]}}])))
+    res = runner.invoke(app, ["validate", str(p)])
+    assert res.exit_code == 2 and "policies.0.params.chain" in res.output
+    assert "'nope'" in res.output
+
+
+def test_files_a_scenario_reads_are_checked_up_front(tmp_path):
+    trace = mutate(lambda d: d.update(arrivals={"kind": "trace", "path": "missing.csv"}))
+    res = runner.invoke(app, ["validate", str(write(tmp_path, trace))])
+    assert res.exit_code == 2 and "arrivals.path" in res.output
+    assert "no such file" in res.output
+    data = mutate(lambda d: d.update(workload={"source": "routerbench", "path": "nope.csv",
+                                               "reference_llm": "gpt-4"}))
+    p = write(tmp_path, data)
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["run", str(p), "--out", str(out)])
+    assert res.exit_code == 2 and "workload.path" in res.output and "--data" in res.output
+    assert not out.exists()
+
+
+def test_data_for_a_synthetic_scenario_is_an_error(tmp_path):
+    data_file = tmp_path / "data.csv"
+    data_file.write_text("a,b\n1,2\n")
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["run", str(write(tmp_path, GOOD)), "--data", str(data_file),
+                              "--out", str(out)])
+    assert res.exit_code == 2 and "--data" in res.output and "synthetic" in res.output
+    assert not out.exists()

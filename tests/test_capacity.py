@@ -171,10 +171,12 @@ def test_no_self_hosted_llm_is_bad_input(tmp_path):
     data = _data()
     for spec in data["llms"]:
         spec.pop("replica_cost_per_hour", None)
-    res = runner.invoke(app, ["plan", _write(tmp_path, data), "--policy", "random",
+    path = _write(tmp_path, data)
+    res = runner.invoke(app, ["plan", path, "--policy", "random",
                               "--slo-p95-wait", "2", "--out", str(tmp_path / "p")])
     assert res.exit_code == 2
-    assert "replica_cost_per_hour" in res.output
+    # Names the file (not the scenario's name) and the field.
+    assert f"{path}: llms.replica_cost_per_hour" in res.output
     assert not (tmp_path / "p").exists()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import polars as pl
+import pytest
 from typer.testing import CliRunner
 
 import sim
@@ -12,6 +13,7 @@ from helpers import llm, scenario
 from policies import registry
 from sim.cli import app
 from sim.engine import Simulation, prepare_inputs
+from sim.errors import RouteSimError
 from sim.metrics import SUMMARY_KEYS
 from sim.runner import build_workload
 
@@ -86,3 +88,106 @@ def test_refined_feedback_is_continuous():
     fb = res.requests["feedback"].drop_nulls().to_numpy()
     assert fb.size > 0 and fb.min() >= 0 and fb.max() <= 100
     assert len(set(fb.tolist())) > 5  # not just thumbs
+
+
+# ------------------------------------------------------------------ output directories
+def _tiny(name: str = "t", policies=("random", "round_robin")):
+    return scenario(name=name, duration_s=60, policies=list(policies))
+
+
+def test_rerun_replaces_the_scenario_and_keeps_other_scenarios(tmp_path):
+    from reports.rundata import discover_runs
+    from sim.runner import run
+
+    run(_tiny(), out=tmp_path)
+    run(_tiny(policies=["random"]), out=tmp_path)
+    # The second run's policies only: no stale round_robin directory, rows or report.
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["random", "scenario.yaml"]
+    assert pl.read_parquet(tmp_path / "summary.parquet")["policy"].to_list() == ["random"]
+    run(_tiny("u", ["cheapest"]), out=tmp_path)
+    rows = pl.read_parquet(tmp_path / "summary.parquet").select("scenario", "policy")
+    assert sorted(rows.iter_rows()) == [("t", "random"), ("u", "cheapest")]
+    assert [(s.name, s.policies) for s in discover_runs(tmp_path)] == [
+        ("t", ["random"]), ("u", ["cheapest"])]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def _failing_setup(monkeypatch):
+    """cheapest fails at setup the way a policy reports bad params (its own field path)."""
+    from sim.errors import PolicyError
+
+    def boom(self, ctx):
+        raise PolicyError("no such LLM at setup", field="cheapest.params.output_share")
+
+    monkeypatch.setattr(registry.get("cheapest"), "setup", boom)
+
+
+def test_policy_failing_at_setup_leaves_no_output_and_names_file_and_entry(
+        tmp_path, monkeypatch):
+    import yaml
+
+    p = tmp_path / "sc.yaml"
+    p.write_text(yaml.safe_dump(_tiny(policies=["random", "cheapest"]).model_dump(
+        mode="json", exclude_defaults=True)))
+    _failing_setup(monkeypatch)
+    out = tmp_path / "new" / "out"
+    res = runner.invoke(app, ["run", str(p), "--out", str(out)])
+    assert res.exit_code == 2, res.output
+    assert f"{p}: policies.1.params.output_share: no such LLM at setup" in res.output
+    assert "Traceback" not in res.output
+    assert not (tmp_path / "new").exists()  # random's finished run is not left behind
+
+
+def test_failed_rerun_keeps_the_previous_result(tmp_path, monkeypatch):
+    from sim.runner import run
+
+    run(_tiny(), out=tmp_path)
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*")
+              if p.is_file()}
+    _failing_setup(monkeypatch)
+    with pytest.raises(RouteSimError, match=r"policies\.1\.params\.output_share"):
+        run(_tiny(policies=["random", "cheapest"]), out=tmp_path)
+    after = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*")
+             if p.is_file()}
+    assert after == before
+
+
+@pytest.mark.parametrize("labels, rule", [
+    (["fast router", "fast/router"], "give the same output directory 'fast_router'"),
+    (["a", "A"], "give the same output directory 'A'"),
+    (["ok", "."], "cannot name an output directory"),
+    (["ok", ".."], "cannot name an output directory"),
+])
+def test_policy_labels_must_give_distinct_directories(labels, rule):
+    from sim.runner import resolve_policies
+
+    with pytest.raises(RouteSimError, match=rule) as exc:
+        sc = scenario(policies=[{"name": "random", "label": x} for x in labels])
+        resolve_policies(sc)
+    assert "policies.1.label" in str(exc.value)
+
+
+def test_out_that_is_a_file_fails_before_any_work(tmp_path):
+    import yaml
+
+    sc = tmp_path / "sc.yaml"
+    sc.write_text(yaml.safe_dump(_tiny().model_dump(mode="json", exclude_defaults=True)))
+    grid = tmp_path / "g.yaml"
+    grid.write_text(yaml.safe_dump({"name": "g", "base": str(sc)}))
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    for args in (["run", str(sc)], ["plan", str(sc), "-p", "random", "--slo-p95-wait", "2"],
+                 ["frontier", str(sc), "-p", "knn"], ["sweep", str(grid), "--backend",
+                                                      "inline"]):
+        for out in (afile, afile / "sub"):
+            res = runner.invoke(app, [*args, "--out", str(out)])
+            assert res.exit_code == 2, (args, res.output)
+            assert f"{out}: --out: " in res.output and "not a directory" in res.output
+            assert "Traceback" not in res.output
+    assert afile.read_text() == "keep me" and len(list(tmp_path.iterdir())) == 3
+
+
+def test_error_text_with_brackets_prints_as_is(tmp_path):
+    res = runner.invoke(app, ["run", "--policy", "mixllm[bold]", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2
+    assert "unknown policy 'mixllm[bold]'" in res.output

@@ -36,19 +36,20 @@ def scenarios(draw):
     ]
     events = []
     if draw(st.booleans()):
-        events.append({"at_s": draw(st.floats(0, duration)),
+        events.append({"at_s": draw(st.floats(0, duration, exclude_max=True)),
                        "outage": {"llm": names[0], "duration_s": draw(st.floats(1, 100))}})
     if draw(st.booleans()):
-        events.append({"at_s": draw(st.floats(0, duration)),
+        events.append({"at_s": draw(st.floats(0, duration, exclude_max=True)),
                        "add_llm": llm("llama-3.1-70b", price_in_per_mtok=0.9,
                                       price_out_per_mtok=0.9, slots=2)})
     if n_llms > 1 and draw(st.booleans()):
-        events.append({"at_s": draw(st.floats(0, duration)), "remove_llm": names[-1]})
+        events.append({"at_s": draw(st.floats(0, duration, exclude_max=True)),
+                       "remove_llm": names[-1]})
     if draw(st.booleans()):
-        events.append({"at_s": draw(st.floats(0, duration)),
+        events.append({"at_s": draw(st.floats(0, duration, exclude_max=True)),
                        "price_change": {"llm": names[0], "price_in_per_mtok": 1.0}})
     if draw(st.booleans()):
-        events.append({"at_s": draw(st.floats(0, duration)),
+        events.append({"at_s": draw(st.floats(0, duration, exclude_max=True)),
                        "slowdown": {"llm": names[0], "factor": draw(st.floats(0.5, 5)),
                                     "duration_s": 20.0}})
     patience = draw(st.one_of(st.none(), st.floats(0.5, 60)))

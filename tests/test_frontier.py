@@ -108,15 +108,23 @@ def test_direct_oracle_matches_the_registered_one(wl, result):
     assert direct["cost_pct"] == pytest.approx(reg["cost_pct"])
 
 
-def test_aiq_table_uses_the_common_cost_range(result):
+def test_aiq_is_over_the_single_llms_cost_range_whatever_else_is_compared(result):
     pts = result.points
     again = aiq_table(pts)
     assert again.equals(result.summary)
-    lo, hi = pts["cost_pct"].min(), pts["cost_pct"].max()
+    singles = pts.filter(pl.col("kind") == "llm")["cost_pct"]
+    lo, hi = singles.min(), singles.max()
     knn = pts.filter(pl.col("policy") == "knn")
     expected = aiq(knn["cost_pct"].to_numpy(), knn["quality_pct"].to_numpy(), lo, hi)
     got = result.summary.filter(pl.col("policy") == "knn")["aiq"][0]
     assert got == pytest.approx(expected)
+    # A router that spends far more than any LLM (a cascade running its whole chain) or one
+    # dropped from the table moves no other router's AIQ.
+    lavish = pl.DataFrame([("lavish", "router", None, None, True, 120.0, 5 * hi, 3.0)],
+                          schema=pts.schema, orient="row")
+    for variant in (pl.concat([pts, lavish]), pts.filter(pl.col("policy") != "mlp")):
+        row = aiq_table(variant).filter(pl.col("policy") == "knn")
+        assert row["aiq"][0] == pytest.approx(got)
 
 
 # --------------------------------------------------------------------------- honesty

@@ -35,3 +35,10 @@ def test_frontier_command(tmp_path):
     assert (out / "frontier.html").read_text().count("Plotly.newPlot") >= 1
     bad = CliRunner().invoke(app, ["frontier", str(p), "-p", "nope", "--out", str(out)])
     assert bad.exit_code == 2 and "unknown policy 'nope'" in bad.output
+
+
+def test_negative_seed_is_bad_input(tmp_path):
+    res = CliRunner().invoke(app, ["frontier", "--seed", "-1", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2
+    assert "--seed" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "o").exists()

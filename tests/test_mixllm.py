@@ -507,3 +507,10 @@ def test_price_change_reprices_the_cost_term_and_moves_traffic():
 
     # Now cheaper than mistral-7b and predicted better: nearly always chosen (was ~75%).
     assert share(after) > max(share(before), 0.9)
+
+
+def test_tags_on_a_workload_without_texts_is_an_error_not_a_silent_no_op():
+    wl = make_workload()
+    assert wl.texts is None
+    with pytest.raises(PolicyError, match="tags: true needs query texts"):
+        make_policy(wl, infos(wl), tags=True)

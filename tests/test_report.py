@@ -142,3 +142,29 @@ def test_every_figure_draws_in_headless_chromium(run_dir, tmp_path):
     assert int(drawn.group(1)) == FIGURES_PER_SCENARIO
     # Every drawn plotly figure has at least one <svg class="main-svg">.
     assert dom.count('class="main-svg"') >= FIGURES_PER_SCENARIO
+
+
+def test_report_skips_staging_dirs_and_runs_summary_parquet_does_not_list(run_dir, tmp_path):
+    """A run still being written (or killed) and a stale run directory are not reported."""
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    shutil.copytree(copy / "t", copy / ".t.partial-12345")
+    stale = copy / "t" / "stale" / "seed1"
+    shutil.copytree(copy / "t" / "random" / "seed1", stale)
+    summary = (stale / "summary.json").read_text().replace('"policy": "random"',
+                                                           '"policy": "stale"')
+    (stale / "summary.json").write_text(summary)
+    found = discover_runs(copy)
+    assert [(s.name, s.policies, len(s.runs)) for s in found] == [
+        ("t", ["random", "cheapest"], 4)]
+
+
+def test_unknown_report_baseline_lists_the_policies(run_dir, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    (copy / "report.html").unlink(missing_ok=True)
+    res = runner.invoke(app, ["report", str(copy), "--baseline", "foo"])
+    assert res.exit_code == 2
+    assert f"{copy}: --baseline: 'foo' is not a policy" in res.output
+    assert "choose one of: random, cheapest" in res.output
+    assert not (copy / "report.html").exists()

@@ -272,3 +272,30 @@ def test_ray_backend_matches_local(tmp_path):
         a = pl.read_parquet(cell_dir(ray_res.out, cell.cell_id) / "requests.parquet")
         b = pl.read_parquet(cell_dir(local.out, cell.cell_id) / "requests.parquet")
         assert a.equals(b)
+
+
+def test_sweep_report_is_the_same_file_for_the_same_sweep(tmp_path):
+    from reports.sweep_report import sweep_report_html
+
+    g = grid(axes={"arrivals.rate_per_s": [1.0, 2.0]}, policies=["least_loaded"])
+    run_sweep(g, tmp_path / "a", backend="inline")
+    run_sweep(g, tmp_path / "b", backend="inline")
+    first = sweep_report_html(tmp_path / "a")
+    assert "<div class='fig'>" in first
+    assert sweep_report_html(tmp_path / "a") == first
+    assert sweep_report_html(tmp_path / "b") == first
+
+
+def test_corrupt_sweep_parquet_is_a_clear_error(tmp_path):
+    from typer.testing import CliRunner
+
+    from sim.cli import app
+    from sim.sweep import read_sweep
+
+    (tmp_path / "sweep.parquet").write_bytes(b"not parquet")
+    with pytest.raises(RouteSimError, match="cannot read parquet") as exc:
+        read_sweep(tmp_path)
+    assert str(tmp_path / "sweep.parquet") in str(exc.value)
+    r = CliRunner().invoke(app, ["sweep-report", str(tmp_path)])
+    assert r.exit_code == 2 and "cannot read parquet" in r.output
+    assert "Traceback" not in r.output and not (tmp_path / "sweep_report.html").exists()

@@ -406,8 +406,17 @@ class MixLLMPolicy(BasePolicy):
 
     def _query_features(self, ctx: PolicyContext, train_rows: np.ndarray) -> np.ndarray:
         p: MixLLMParams = self.params
-        if not p.tags or ctx.texts is None:
+        if not p.tags:
             return ctx.features
+        if ctx.texts is None:
+            # Tags are learned from query texts; silently running without them would make a
+            # tags-on ablation identical to tags-off.
+            raise PolicyError(
+                "tags: true needs query texts, and this workload has none (a synthetic "
+                "workload carries features only); set tags: false or use a data file with "
+                "prompts",
+                field="policy.params.tags",
+            )
         try:
             from policies.mixllm.encoder import tag_enhanced_embeddings
         except ImportError as exc:  # torch / transformers missing
