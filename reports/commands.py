@@ -54,12 +54,13 @@ def plan(
         min=1, help="replications per configuration (seed, seed+1, ...)")] = 3,
     max_evaluations: Annotated[int, typer.Option(
         min=1, help="most configurations to simulate")] = 60,
+    data: Annotated[str | None, typer.Option(
+        help="workload data file (overrides workload.path)")] = None,
 ) -> None:
     """Cheapest replica counts of the self-hosted LLMs meeting a p95 wait SLO."""
     from reports.capacity import Planner, write_plan
-    from sim.cli import _source_of, console, fail
+    from sim.cli import _source_of, console, fail, load_for_cli
     from sim.record import check_out_dir
-    from sim.scenario import load_scenario
 
     def show(ev) -> None:
         reps = ", ".join(f"{n}={k}" for n, k in zip(planner.llms, ev.config, strict=True))
@@ -71,7 +72,7 @@ def plan(
 
     try:
         check_out_dir(out, field="--out")
-        sc = load_scenario(scenario)
+        sc = load_for_cli(scenario, data)
         planner = Planner(sc, policy, slo_p95_wait, max_replicas=max_replicas,
                           quality_floor=quality_floor, seeds=seeds,
                           max_evaluations=max_evaluations, on_evaluation=show)

@@ -216,3 +216,13 @@ def test_plans_for_routers_that_see_ground_truth_are_labelled_upper_bounds(tmp_p
                                   "params": {"top_k": 2, "keep": "best_judged"}}])
     assert not Planner(judged, "mixllm judged", 2.0, max_replicas=3, seeds=1,
                        max_evaluations=2).plan().upper_bound
+
+
+def test_plan_takes_data_like_run_and_rejects_it_for_a_synthetic_scenario(tmp_path):
+    data_file = tmp_path / "data.csv"
+    data_file.write_text("a,b\n1,2\n")
+    res = runner.invoke(app, ["plan", _write(tmp_path, _data()), "--policy", "random",
+                              "--slo-p95-wait", "2", "--data", str(data_file),
+                              "--out", str(tmp_path / "p")])
+    assert res.exit_code == 2 and "--data" in res.output and "synthetic" in res.output
+    assert not (tmp_path / "p").exists()
