@@ -64,8 +64,14 @@ class BasePolicy:
     uses_ground_truth: ClassVar[bool] = False
     Params: ClassVar[type[BaseModel]] = NoParams
     # Params whose values (a name or a sequence of names) name deployments present at setup:
-    # registry.check_llm_params checks them against a scenario before anything runs.
+    # registry.check_against_scenario checks them against a scenario before anything runs.
     llm_params: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def workload_conflict(cls, params: BaseModel, *, has_texts: bool) -> tuple[str, str] | None:
+        """(param, rule) when `params` cannot work on a workload with (or without) query
+        texts, checked before any run; None when they can."""
+        return None
 
     def __init__(self, params: BaseModel | None = None):
         self.params = params if params is not None else self.Params()

@@ -93,13 +93,23 @@ def validate_params(name: str, params: Mapping[str, Any] | None, *, field: str =
         ) from None
 
 
-def check_llm_params(
-    name: str, params: Mapping[str, Any] | None, llm_names: Sequence[str], *, field: str
+def check_against_scenario(
+    name: str,
+    params: Mapping[str, Any] | None,
+    llm_names: Sequence[str],
+    *,
+    has_texts: bool,
+    field: str,
 ) -> None:
-    """Params that name deployments (the class's `llm_params`) must name LLMs in
-    `llm_names` (those present at setup): checked before a run, not halfway through it."""
+    """Before a run, not halfway through it: params that name deployments (the class's
+    `llm_params`) name LLMs in `llm_names` (those present at setup), and the class's
+    `workload_conflict` finds nothing wrong for a workload with or without query texts."""
     cls = get(name, field=field)
     validated = validate_params(name, params, field=field)
+    conflict = cls.workload_conflict(validated, has_texts=has_texts)
+    if conflict is not None:
+        param, rule = conflict
+        raise PolicyError(rule, field=f"{field}.params.{param}")
     for param in getattr(cls, "llm_params", ()):
         value = getattr(validated, param)
         given = [value] if isinstance(value, str) else list(value or ())

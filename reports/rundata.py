@@ -120,6 +120,7 @@ def discover_runs(out_dir: str | Path) -> list[ScenarioRuns]:
     if not out.is_dir():
         raise RouteSimError(f"no such directory; {hint}", source=str(out))
     listed = _listed_runs(out / "summary.parquet")
+    listed_scenarios = {s for s, _, _ in listed or ()}
     found: list[ScenarioRuns] = []
     for sdir in sorted(p for p in out.iterdir() if p.is_dir() and not _is_staging(p)):
         runs = []
@@ -134,8 +135,12 @@ def discover_runs(out_dir: str | Path) -> list[ScenarioRuns]:
                 raise RouteSimError(
                     "not a routesim summary (needs keys policy and seed)", source=str(summary_path)
                 )
-            key = (str(summary.get("scenario")), str(summary["policy"]), int(summary["seed"]))
-            if listed is None or key in listed:
+            scen = str(summary.get("scenario"))
+            key = (scen, str(summary["policy"]), int(summary["seed"]))
+            # Only a scenario summary.parquet lists has a known set of finished runs; one it
+            # does not list (written by an older routesim, or by another process meanwhile)
+            # is reported whole rather than dropped.
+            if listed is None or scen not in listed_scenarios or key in listed:
                 runs.append(RunFiles(summary_path.parent, summary))
         if runs:
             scenario = _load_scenario(sdir / "scenario.yaml")
@@ -155,8 +160,8 @@ def _is_staging(path: Path) -> bool:
 def _listed_runs(path: Path) -> set[tuple[str, str, int]] | None:
     """(scenario, policy, seed) of every run OUT/summary.parquet lists (None: no file).
 
-    `routesim run` writes it last, so it names the runs that finished: a run directory it
-    does not list is stale (e.g. left by an older routesim) and is not reported."""
+    `routesim run` writes it last, so it names the runs that finished: a run directory of a
+    listed scenario that it does not list is stale and is not reported."""
     if not path.is_file():
         return None
     try:

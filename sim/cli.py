@@ -6,7 +6,10 @@ and exits with code 2, without a traceback and without creating an output direct
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -43,6 +46,24 @@ def fail(exc: BaseException) -> None:
     err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, markup=True,
                       soft_wrap=True)
     raise typer.Exit(EXIT_BAD_INPUT)
+
+
+@contextmanager
+def _terminate_as_exit():
+    """SIGTERM (a `timeout`, a CI cancel, a batch scheduler) unwinds like Ctrl-C, so the
+    runner removes its staged outputs; Python's default would end the process on the spot."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def load_for_cli(scenario: str | None, data: str | None = None) -> Scenario:
@@ -127,9 +148,10 @@ def run(
         try:
             # `policy`, not `specs`: errors then name the entry as written (policies.1, or
             # --policy).
-            res = run_all(sc, policy, seeds, out, keep_requests=False,
-                          on_progress=on_progress, on_run_done=on_done,
-                          baseline=baseline or labels[0])
+            with _terminate_as_exit():
+                res = run_all(sc, policy, seeds, out, keep_requests=False,
+                              on_progress=on_progress, on_run_done=on_done,
+                              baseline=baseline or labels[0])
         except RouteSimError as exc:
             prog.stop()
             fail(exc.with_source(_source_of(scenario)))

@@ -127,6 +127,9 @@ def check_out_dir(path: str | Path, *, field: str = "out") -> None:
     mistyped --out fails at once rather than after the whole simulation."""
     p = Path(path)
     for q in (p, *p.parents):
+        if q.is_symlink() and not q.exists():
+            raise RouteSimError(f"{q} is a symbolic link to nothing; give a new or existing "
+                                "directory", source=str(p), field=field)
         if not q.exists():
             continue
         if not q.is_dir():

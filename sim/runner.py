@@ -9,6 +9,7 @@ are created through `policies.registry` only (the engine's one door to policy co
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import shutil
@@ -59,7 +60,9 @@ def resolve_policies(
     for i, spec in enumerate(specs):
         f = f"{where}.{i}" if where == "policies" else where
         reg.validate_params(spec.name, spec.params, field=f)
-        reg.check_llm_params(spec.name, spec.params, [x.name for x in scenario.llms], field=f)
+        reg.check_against_scenario(
+            spec.name, spec.params, [x.name for x in scenario.llms],
+            has_texts=scenario.workload.source != "synthetic", field=f)
         if spec.display in seen:
             raise PolicyError(
                 f"policy label {spec.display!r} appears twice; give one of them a `label`",
@@ -239,8 +242,9 @@ def _at_entry(exc: RouteSimError, spec: PolicySpec, entry: str) -> RouteSimError
     """A policy's setup error, placed at its entry in the scenario: policies name their own
     params `<name>.params.x`, which the user wrote at `policies.<i>.params.x`."""
     f = exc.field or ""
-    if f == spec.name or f.startswith(f"{spec.name}."):
-        return type(exc)(exc.message, source=exc.source, field=entry + f[len(spec.name):])
+    for own in (spec.name, "policy"):  # "policy.params.x": a policy not naming itself
+        if f == own or f.startswith(f"{own}."):
+            return type(exc)(exc.message, source=exc.source, field=entry + f[len(own):])
     return type(exc)(f"{exc.message} (setting up policy {spec.display!r}, {entry})",
                      source=exc.source, field=exc.field)
 
@@ -248,41 +252,56 @@ def _at_entry(exc: RouteSimError, spec: PolicySpec, entry: str) -> RouteSimError
 class _Staging:
     """One scenario's outputs, written under OUT/.<scenario>.partial-<pid> and moved to
     OUT/<scenario> only when every run has succeeded: a failed or interrupted run leaves OUT
-    as it was, and a re-run replaces the scenario's directory instead of mixing into it."""
+    as it was, and a re-run replaces the scenario's directory instead of mixing into it.
+
+    A scenario directory that is a symbolic link (outputs kept on other storage) is replaced
+    at the link's target, so the link stays."""
 
     def __init__(self, out: Path, scenario_name: str):
         self.out = out
         self.name = scenario_name
         base = safe_dirname(scenario_name, field="name")
-        self.target = out / base
+        target = out / base
+        # Swap where the directory really lives: renaming the link itself would replace it
+        # with a plain directory on OUT's file system.
+        self.target = target.resolve() if target.is_symlink() else target
+        home = self.target.parent
         pid = os.getpid()
-        self.dir = out / f".{base}{PARTIAL_MARK}{pid}"
-        self._old = out / f".{base}{OLD_MARK}{pid}"
+        self.dir = home / f".{self.target.name}{PARTIAL_MARK}{pid}"
+        self._old = home / f".{self.target.name}{OLD_MARK}{pid}"
         self._summary = out / f".summary.parquet{PARTIAL_MARK}{pid}"
         # Created here, so removed again on failure (the CLI promises no output directory
         # from a failed run).
         self._made = [p for p in (out, *out.parents) if not p.exists()]
-        self._kept = _other_scenarios(out / "summary.parquet", scenario_name)
-        _remove(self.dir)  # left by a killed run that had the same pid
+        # Read now only to fail before the runs if it is unreadable; the rows kept are read
+        # again at commit, so a scenario another process finished meanwhile is not lost.
+        _other_scenarios(out / "summary.parquet", scenario_name)
+        _remove_dead_staging(home, self.target.name)
         self.dir.mkdir(parents=True)
 
     def commit(self, summary: pl.DataFrame, scenario_yaml: str) -> None:
         write_text(scenario_yaml, self.dir / "scenario.yaml")
         # summary.parquet lists every run under OUT: other scenarios' rows stay.
-        merged = (pl.concat([self._kept, summary], how="diagonal_relaxed")
-                  if self._kept is not None else summary)
+        kept = _other_scenarios(self.out / "summary.parquet", self.name)
+        merged = pl.concat([kept, summary], how="diagonal_relaxed") if kept is not None \
+            else summary
         write_parquet(merged, self._summary)
         _remove(self._old)
-        moved = self.target.exists() or self.target.is_symlink()
-        if moved:
-            os.rename(self.target, self._old)
+        moved = swapped = False
         try:
+            if self.target.exists() or self.target.is_symlink():
+                os.rename(self.target, self._old)
+                moved = True
             os.rename(self.dir, self.target)
+            swapped = True
+            os.replace(self._summary, self.out / "summary.parquet")
         except BaseException:
-            if moved:  # the previous result stays
+            # Undo in reverse so OUT is as it was; abort() then removes the staging files.
+            if swapped:
+                os.rename(self.target, self.dir)
+            if moved:
                 os.rename(self._old, self.target)
             raise
-        os.replace(self._summary, self.out / "summary.parquet")
         _remove(self._old)
         # It shows the runs it was made from; `routesim report` writes it again.
         (self.out / "report.html").unlink(missing_ok=True)
@@ -295,6 +314,34 @@ class _Staging:
                 p.rmdir()
             except OSError:
                 break
+
+
+def _remove_dead_staging(home: Path, name: str) -> None:
+    """Staging directories of `name` left by runs that were killed (their process is gone):
+    SIGKILL or a power cut gives no chance to clean up. A previous result set aside by a run
+    killed mid-swap is put back if nothing replaced it."""
+    for mark in (PARTIAL_MARK, OLD_MARK):
+        for path in sorted(home.glob(f".{glob.escape(name)}{mark}*")):
+            pid = path.name.rsplit(mark, 1)[-1]
+            if not pid.isdigit() or (int(pid) != os.getpid() and _process_alive(int(pid))):
+                continue
+            target = home / name
+            if mark == OLD_MARK and not (target.exists() or target.is_symlink()):
+                os.rename(path, target)
+            else:
+                _remove(path)
+
+
+def _process_alive(pid: int) -> bool:
+    if os.name != "posix":
+        return True  # no harmless liveness probe (os.kill would terminate it): leave it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists but is not ours (or the platform cannot tell): leave it
+    return True
 
 
 def _remove(path: Path) -> None:

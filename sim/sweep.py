@@ -63,6 +63,7 @@ from pydantic import (
 from sim.errors import RouteSimError, ScenarioError
 from sim.record import check_out_dir, write_json, write_parquet, write_text
 from sim.scenario import PolicySpec, Scenario, dump_scenario, load_scenario, parse_scenario
+from sim.yamlfile import load_yaml
 
 CELLS_DIR = "cells"
 DONE_FILE = "done.json"
@@ -140,7 +141,7 @@ def load_grid(path: str | Path) -> Grid:
     if not p.is_file():
         raise GridError("no such grid file", source=src)
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = load_yaml(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

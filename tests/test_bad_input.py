@@ -135,6 +135,27 @@ def test_a_missing_file_is_never_replaced_by_the_builtin_of_that_name(tmp_path):
     assert load_scenario("scenarios/outage.yaml").name == "outage"
 
 
+def test_yaml_merge_keys_still_work(tmp_path):
+    """`<<: *anchor` copies a mapping whose keys the new one may override: not a repeat."""
+    text = yaml.safe_dump(GOOD, sort_keys=False).replace(
+        "- name: gpt-4\n", "- &big\n  name: gpt-4\n").replace(
+        "- name: mistral-7b\n", "- <<: *big\n  name: mistral-7b\n")
+    assert "<<: *big" in text
+    sc = load_scenario(write(tmp_path, text))
+    assert [x.name for x in sc.llms] == ["gpt-4", "mistral-7b"]
+    assert sc.llms[1].slots == 4  # from the anchor
+    assert sc.llms[1].price_in_per_mtok == 0.2  # overridden
+
+
+def test_a_repeated_key_in_a_sweep_grid_is_an_error(tmp_path):
+    from sim.sweep import GridError, load_grid
+
+    p = tmp_path / "g.yaml"
+    p.write_text("name: g\nbase: steady\nname: h\n")
+    with pytest.raises(GridError, match="duplicate key 'name'"):
+        load_grid(p)
+
+
 def test_a_repeated_key_is_an_error_not_last_one_wins(tmp_path):
     text = yaml.safe_dump(GOOD, sort_keys=False).replace(
         "duration_s: 100\n", "duration_s: 100\nduration_s: 200\n")
@@ -224,3 +245,11 @@ def test_data_for_a_synthetic_scenario_is_an_error(tmp_path):
                               "--out", str(out)])
     assert res.exit_code == 2 and "--data" in res.output and "synthetic" in res.output
     assert not out.exists()
+
+
+def test_mixllm_tags_on_a_synthetic_workload_fails_validation_before_any_run(tmp_path):
+    p = write(tmp_path, mutate(lambda d: d.update(policies=[
+        "random", {"name": "mixllm", "params": {"tags": True}}])))
+    res = runner.invoke(app, ["validate", str(p)])
+    assert res.exit_code == 2 and "policies.1.params.tags" in res.output
+    assert "needs query texts" in res.output

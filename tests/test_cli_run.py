@@ -191,3 +191,112 @@ def test_error_text_with_brackets_prints_as_is(tmp_path):
     res = runner.invoke(app, ["run", "--policy", "mixllm[bold]", "--out", str(tmp_path / "o")])
     assert res.exit_code == 2
     assert "unknown policy 'mixllm[bold]'" in res.output
+
+
+def _files(root):
+    return {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_an_interrupt_while_swapping_the_result_in_leaves_out_as_it_was(tmp_path, monkeypatch):
+    """The last step of a run (moving summary.parquet into place) interrupted: the new
+    scenario directory goes back out, the previous one back in."""
+    import os
+
+    import sim.runner as runner_mod
+
+    runner_mod.run(_tiny(), out=tmp_path)
+    before = _files(tmp_path)
+    real_replace = os.replace
+
+    def interrupted(src, dst):
+        if str(src).endswith(f".summary.parquet{runner_mod.PARTIAL_MARK}{os.getpid()}"):
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(runner_mod.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        runner_mod.run(_tiny(policies=["random"]), out=tmp_path)
+    assert _files(tmp_path) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_staging_left_by_a_killed_run_is_cleaned_up_or_restored(tmp_path):
+    from sim.runner import OLD_MARK, PARTIAL_MARK, run
+
+    dead = 2**22 + 12345  # above Linux's default pid_max: no such process
+    run(_tiny(), out=tmp_path)
+    # A run killed mid-swap: the previous result set aside, nothing in its place.
+    (tmp_path / "t").rename(tmp_path / f".t{OLD_MARK}{dead}")
+    partial = tmp_path / f".t{PARTIAL_MARK}{dead}" / "random" / "seed1"
+    partial.mkdir(parents=True)
+    (partial / "summary.json").write_text("{}")
+    run(_tiny("u", ["random"]), out=tmp_path)  # another scenario: t's leftovers stay
+    assert (tmp_path / f".t{PARTIAL_MARK}{dead}").exists()
+    run(_tiny(policies=["random"]), out=tmp_path)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    # The restored result was then replaced by the new run, as any re-run does.
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["random", "scenario.yaml"]
+
+
+def test_a_killed_run_that_set_the_result_aside_gets_it_back(tmp_path):
+    from sim.runner import OLD_MARK, _remove_dead_staging, run
+
+    run(_tiny(), out=tmp_path)
+    kept = _files(tmp_path / "t")
+    (tmp_path / "t").rename(tmp_path / f".t{OLD_MARK}{2**22 + 7}")
+    _remove_dead_staging(tmp_path, "t")
+    assert _files(tmp_path / "t") == kept
+
+
+def test_a_scenario_directory_that_is_a_symlink_stays_one(tmp_path):
+    from sim.runner import run
+
+    store = tmp_path / "store" / "t"
+    out = tmp_path / "out"
+    run(_tiny(), out=out)
+    store.parent.mkdir()
+    (out / "t").rename(store)
+    (out / "t").symlink_to(store, target_is_directory=True)
+    run(_tiny(policies=["random"]), out=out)
+    assert (out / "t").is_symlink() and (out / "t").resolve() == store.resolve()
+    assert sorted(p.name for p in store.iterdir()) == ["random", "scenario.yaml"]
+    assert not [p for p in store.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_out_that_is_a_dangling_symlink_is_bad_input(tmp_path):
+    dangling = tmp_path / "dang"
+    dangling.symlink_to(tmp_path / "missing")
+    res = runner.invoke(app, ["run", "--policy", "random", "--out", str(dangling)])
+    assert res.exit_code == 2 and "symbolic link to nothing" in res.output
+    assert "Traceback" not in res.output
+
+
+def test_sigterm_removes_the_staged_outputs(tmp_path):
+    """A terminated `routesim run` unwinds like Ctrl-C: nothing staged is left behind."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    sc = tmp_path / "long.yaml"
+    sc.write_text(yaml.safe_dump(scenario(name="long", duration_s=10**6, policies=["random"])
+                                 .model_dump(mode="json", exclude_defaults=True)))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "sim.cli", "run", str(sc), "--out", str(out),
+                             "--no-report"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        # Wait (not a timed assertion: the bound only stops a hung test) until it has staged.
+        for _ in range(1200):
+            if out.is_dir() and any(p.name.startswith(".long") for p in out.iterdir()):
+                break
+            assert proc.poll() is None, proc.stderr.read().decode()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert not out.exists() or not any(out.iterdir())

@@ -159,6 +159,21 @@ def test_report_skips_staging_dirs_and_runs_summary_parquet_does_not_list(run_di
         ("t", ["random", "cheapest"], 4)]
 
 
+def test_a_scenario_summary_parquet_does_not_list_is_still_reported(run_dir, tmp_path):
+    """Outputs of an older routesim (whose summary.parquet kept only the last scenario) or
+    of a run another process finished meanwhile: the scenario is reported whole."""
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    other = copy / "other"
+    shutil.copytree(copy / "t", other)
+    for path in other.glob("*/seed*/summary.json"):
+        path.write_text(path.read_text().replace('"scenario": "t"', '"scenario": "other"'))
+    (other / "scenario.yaml").write_text(
+        (other / "scenario.yaml").read_text().replace("name: t\n", "name: other\n"))
+    found = {s.name: (s.policies, len(s.runs)) for s in discover_runs(copy)}
+    assert found == {"t": (["random", "cheapest"], 4), "other": (["random", "cheapest"], 4)}
+
+
 def test_unknown_report_baseline_lists_the_policies(run_dir, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(run_dir, copy)

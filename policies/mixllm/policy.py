@@ -207,6 +207,12 @@ def _digest(*arrays: np.ndarray, extra: str = "") -> str:
     return h.hexdigest()
 
 
+_TAGS_NEED_TEXTS = (
+    "tags: true needs query texts, and this workload has none (a synthetic workload carries "
+    "features only); set tags: false or use a data file with prompts"
+)
+
+
 @register
 class MixLLMPolicy(BasePolicy):
     """MixLLM: predicted quality and cost, LinUCB bonus, latency penalty, online learning."""
@@ -219,6 +225,12 @@ class MixLLMPolicy(BasePolicy):
         0.01, 0.03, 0.1, 0.2, 0.3, 0.6, 1.0, 1.4, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0,
         10.0, 12.0, 15.0, 20.0, 25.0, 30.0, 40.0, 50.0, 70.0, 100.0, 300.0,
     )
+
+    @classmethod
+    def workload_conflict(cls, params: BaseModel, *, has_texts: bool) -> tuple[str, str] | None:
+        if params.tags and not has_texts:
+            return "tags", _TAGS_NEED_TEXTS
+        return None
 
     # ------------------------------------------------------------------------------ setup
     def setup(self, ctx: PolicyContext) -> None:
@@ -256,7 +268,7 @@ class MixLLMPolicy(BasePolicy):
             raise PolicyError(
                 "mixllm needs training rows with ground truth to fit its predictors; the "
                 "workload has none (fit_on=" + repr(p.fit_on) + ")",
-                field="policy.params.fit_on",
+                field="mixllm.params.fit_on",
             )
         self._fit_idx = fit_idx  # indices into ctx.train arrays
         self._fit_rows = train.rows[fit_idx]  # workload rows
@@ -395,7 +407,7 @@ class MixLLMPolicy(BasePolicy):
         point starts alike) the online state (LinUCB matrices, feedback network) restarts as
         after setup; without it, what was learned is kept."""
         if not value > 0:
-            raise PolicyError(f"lambda_ must be > 0, got {value!r}", field="policy.params.lambda_")
+            raise PolicyError(f"lambda_ must be > 0, got {value!r}", field="mixllm.params.lambda_")
         self._lambda = float(value)
         self._qw = quality_weight(self._lambda)
         self._cw = cost_weight(self._lambda)
@@ -411,12 +423,7 @@ class MixLLMPolicy(BasePolicy):
         if ctx.texts is None:
             # Tags are learned from query texts; silently running without them would make a
             # tags-on ablation identical to tags-off.
-            raise PolicyError(
-                "tags: true needs query texts, and this workload has none (a synthetic "
-                "workload carries features only); set tags: false or use a data file with "
-                "prompts",
-                field="policy.params.tags",
-            )
+            raise PolicyError(_TAGS_NEED_TEXTS, field="mixllm.params.tags")
         try:
             from policies.mixllm.encoder import tag_enhanced_embeddings
         except ImportError as exc:  # torch / transformers missing
@@ -424,7 +431,7 @@ class MixLLMPolicy(BasePolicy):
                 f"tags: true needs the tag-enhanced encoder, which could not be imported "
                 f"({exc}); install the embed extra (pip install 'routesim[embed]') or set "
                 f"tags: false",
-                field="policy.params.tags",
+                field="mixllm.params.tags",
             ) from None
         eval_names = [ctx.task_names[t] for t in ctx.task]
         kwargs = {} if p.tag_epochs is None else {"epochs": p.tag_epochs}
