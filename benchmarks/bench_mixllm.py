@@ -110,9 +110,10 @@ def load_synthetic(n_queries: int) -> tuple[Workload, list[LLMInfo], LLMInfo]:
     return wl, llms, ref
 
 
-def context(wl: Workload, llms, ref: LLMInfo, train: TrainingSet, seed: int) -> PolicyContext:
+def context(wl: Workload, llms, ref: LLMInfo, train: TrainingSet, seed: int,
+            judge: JudgeSpec | None = None) -> PolicyContext:
     return context_for(wl, llms, reference_llm=ref.name, rng=np.random.default_rng(seed),
-                       train=train)
+                       train=train, judge=(judge or JudgeSpec()).info())
 
 
 def short(name: str) -> str:
@@ -330,7 +331,7 @@ def part_topk(wl, llms, ref) -> None:
                      (k, "best_judged", llm_judge_spec), (k, "best_realised", free)]
     for k, keep, judge in variants:
         pol = registry.create("mixllm", {"top_k": k, "keep": keep})
-        pol.setup(context(wl, llms, ref, full, 0))
+        pol.setup(context(wl, llms, ref, full, 0, judge))  # it prices the judge's calls
         cols: list[list[float]] = [[], [], [], [], []]
         for seed in range(TOPK_JUDGE_SEEDS if keep == "best_judged" else 1):
             c, q = test_frontier(pol, wl, llms, ref, test, seed=seed, judge=judge)

@@ -13,7 +13,8 @@ stop as soon as a scorer trusts the answer. Here:
   that LLM on this query) >= `accept_threshold`, a per-LLM logistic calibration fitted on the
   training rows with simulated judge scores (realised quality + N(0, judge_noise), clipped
   to [0, 1], the same noise model as the engine's judge; `judge_noise` defaults to the
-  scenario's `judge.noise`) and "good" = quality >= 0.5;
+  scenario's `judge.noise`) and "good" = quality >= 0.5; the chain and the threshold chosen
+  on validation count what judging each answer costs (the scenario judge's price);
   predicted quality is a leave-one-out cosine kNN mean;
 - the last rung is always accepted. Every attempt is paid for and queued.
 
@@ -69,7 +70,7 @@ class CascadeParams(BaseModel):
     accept_threshold: float | None = Field(default=None, ge=0, le=1)  # None: on validation
     chain: tuple[str, ...] | None = None  # deployment names, cheapest first; None: learned
     max_chain: int = Field(default=3, ge=1)
-    # None: the scenario's judge.noise (PolicyContext.judge_noise); set it to calibrate for
+    # None: the scenario's judge.noise (PolicyContext.judge); set it to calibrate for
     # a judge believed to be sharper or blunter than it is.
     judge_noise: float | None = Field(default=None, ge=0, le=1)
     judge_draws: int = Field(default=4, ge=1)  # simulated judge scores per training row
@@ -92,7 +93,7 @@ class CascadeRouter(LearnedRouter):
     def _fit(self, ctx: PolicyContext) -> None:
         n, m = len(ctx.features), len(ctx.workload_models)
         self._rng = np.random.default_rng(ctx.rng.integers(2**63 - 1))
-        self.judge_noise = (ctx.judge_noise if self.params.judge_noise is None
+        self.judge_noise = (ctx.judge.noise if self.params.judge_noise is None
                             else self.params.judge_noise)
         self._neighbours = nearest_neighbours(
             ctx.features, self.split.fit_rows, self.params.k, task=ctx.task
@@ -152,14 +153,19 @@ class CascadeRouter(LearnedRouter):
 
     def _valid_sim(self, truth: ValidationTruth, llms: list[LLMInfo]):
         """Per validation row and LLM (columns of `truth`): acceptance probability, realised
-        quality and cost — everything a chain simulation needs."""
+        quality and cost (the answer's and, as every answer is judged, the judge's) —
+        everything a chain simulation needs."""
         rows = self.split.valid_rows
         cols = np.array([x.model_col for x in llms])
         judge = np.clip(truth.quality + self._valid_eps[:, cols], 0.0, 1.0)
         p_good = np.column_stack(
             [self._p_good(c, judge[:, i], self.q_hat[rows, c]) for i, c in enumerate(cols)]
         )
-        return p_good, truth.quality, truth.cost
+        judged = self.ctx.judge.answer_cost_usd(
+            self.ctx.input_tokens[rows][:, None].astype(np.float64),
+            self.ctx.train.output_tokens[self.split.valid][:, cols].astype(np.float64),
+        )
+        return p_good, truth.quality, truth.cost + judged
 
     @staticmethod
     def _simulate(chain_idx, tau, p_good, quality, cost, truth) -> tuple[float, float]:

@@ -114,13 +114,14 @@ def policy_context(
     *,
     seed: int,
     with_ground_truth: bool = False,
-    judge_noise: float = 0.5,
+    judge: JudgeSpec | None = None,
 ) -> PolicyContext:
     """What `setup` gets: public columns of every row, ground truth of training rows only
     (of every row for upper-bound policies)."""
     return context_for(
         workload, llms, reference_llm=reference.name, rng=np.random.default_rng(seed),
-        with_ground_truth=with_ground_truth, judge_noise=judge_noise,
+        with_ground_truth=with_ground_truth,
+        judge=(judge or JudgeSpec()).info(),
     )
 
 
@@ -162,7 +163,7 @@ def sweep_policy(
                 reference,
                 seed=seed,
                 with_ground_truth=bool(getattr(cls, "uses_ground_truth", False)),
-                judge_noise=(judge or JudgeSpec()).noise,
+                judge=judge,
             )
         )
         return pol

@@ -12,6 +12,7 @@ from sim.types import (
     SPLIT_TRAIN,
     SPLIT_VALID,
     GroundTruth,
+    JudgeInfo,
     LLMInfo,
     PolicyContext,
     TrainingSet,
@@ -58,7 +59,7 @@ def context_for(
     cache_dir: str | None = None,
     with_ground_truth: bool = False,
     train: TrainingSet | None = None,
-    judge_noise: float = 0.5,
+    judge: JudgeInfo | None = None,
 ) -> PolicyContext:
     """The `PolicyContext` for deployments already described as `LLMInfo`; ground truth of
     every row only when asked for (upper-bound policies)."""
@@ -83,7 +84,7 @@ def context_for(
         rng=rng,
         cache_dir=cache_dir,
         ground_truth=gt,
-        judge_noise=judge_noise,
+        judge=judge or JudgeInfo(),
     )
 
 
@@ -97,7 +98,7 @@ def build_policy_context(
     cache_dir: str | None = None,
     with_ground_truth: bool = False,
     train: TrainingSet | None = None,
-    judge_noise: float = 0.5,
+    judge: JudgeInfo | None = None,
 ) -> PolicyContext:
     """The `PolicyContext` for the scenario's initial `llms` (specs checked against the
     workload's models)."""
@@ -105,7 +106,7 @@ def build_policy_context(
     return context_for(
         workload, infos, reference_llm=reference_llm, rng=rng,
         patience_mean_s=patience_mean_s, cache_dir=cache_dir,
-        with_ground_truth=with_ground_truth, train=train, judge_noise=judge_noise,
+        with_ground_truth=with_ground_truth, train=train, judge=judge,
     )
 
 

@@ -218,6 +218,7 @@ class Simulation:
         self._wants_feedback = _overrides(policy, "feedback")
         ref = scenario.llm(scenario.workload.reference_llm)
         self._ref = ref
+        self._judge = scenario.judge.info()
         # Policy setup: public query attributes + training ground truth only.
         ctx = build_policy_context(
             self.wl,
@@ -227,7 +228,7 @@ class Simulation:
             patience_mean_s=scenario.users.patience_s.mean if scenario.users.patience_s else None,
             cache_dir=cache_dir,
             with_ground_truth=bool(getattr(policy, "uses_ground_truth", False)),
-            judge_noise=scenario.judge.noise,
+            judge=self._judge,
         )
         policy.setup(ctx)
         # Hot-path locals.
@@ -633,8 +634,8 @@ class Simulation:
     def _judge_cost(self, job: Job) -> float:
         """What judging a job's answer costs: per call plus the tokens the judge reads."""
         row = self._rows_l[job.rid]
-        return float(self.sc.judge.answer_cost_usd(self._in_tok_l[row],
-                                                   float(self._out_tok[row, job.dep.col])))
+        return float(self._judge.answer_cost_usd(self._in_tok_l[row],
+                                                 float(self._out_tok[row, job.dep.col])))
 
     def _ask_escalation(self, job: Job, qual: float, now: float) -> Decision | None:
         self._observe(now)

@@ -69,7 +69,7 @@ def evaluate_offline(
     the same seed see the same users. `judge`: the scorer of cascade answers and best-judged
     fan-outs, and what it costs (default: the scenario default, 84% accurate and free).
     """
-    judge = judge or JudgeSpec()
+    judge = (judge or JudgeSpec()).info()
     view = idle_view(llms)
     index = {x.name: i for i, x in enumerate(llms)}
     ss = np.random.SeedSequence(seed)

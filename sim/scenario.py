@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from sim.errors import ScenarioError
+from sim.types import JudgeInfo
 from sim.yamlfile import load_yaml
 
 
@@ -312,9 +313,9 @@ class JudgeSpec(Spec):
     cost_usd: NonNegFloat = 0.0
     price_in_per_mtok: NonNegFloat = 0.0
 
-    def answer_cost_usd(self, input_tokens, output_tokens):
-        """What judging one answer costs (scalars or numpy arrays)."""
-        return self.cost_usd + (input_tokens + output_tokens) * (self.price_in_per_mtok / 1e6)
+    def info(self) -> JudgeInfo:
+        """The judge as policies and the evaluators see it."""
+        return JudgeInfo(self.noise, self.cost_usd, self.price_in_per_mtok)
 
 
 class PolicySpec(Spec):

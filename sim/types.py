@@ -82,6 +82,20 @@ class GroundTruth:
     output_tokens: np.ndarray  # (n, m)
 
 
+@dataclass(frozen=True)
+class JudgeInfo:
+    """The answer scorer a policy will meet (the scenario's `judge`): its noise sd and what
+    judging one answer costs. A deployment knows its scorer's calibration and price."""
+
+    noise: float = 0.5
+    cost_usd: float = 0.0  # per judged answer
+    price_in_per_mtok: float = 0.0  # per million tokens read: the query and the answer
+
+    def answer_cost_usd(self, input_tokens, output_tokens):
+        """What judging one answer costs (scalars or numpy arrays)."""
+        return self.cost_usd + (input_tokens + output_tokens) * (self.price_in_per_mtok / 1e6)
+
+
 @dataclass(frozen=True, eq=False)
 class LLMInfo:
     """What a policy knows about one deployment: its name, model and list prices."""
@@ -114,8 +128,7 @@ class PolicyContext:
     rng: np.random.Generator
     cache_dir: str | None = None
     ground_truth: GroundTruth | None = None
-    # The scenario judge's noise sd: a deployment knows its answer scorer's calibration.
-    judge_noise: float = 0.5
+    judge: JudgeInfo = JudgeInfo()
 
 
 @dataclass(slots=True)

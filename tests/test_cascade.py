@@ -11,7 +11,7 @@ from policies.cascade import ACCEPT_GRID
 from reports.frontier import SingleLLM
 from sim.context import request_cost_usd
 from sim.offline import evaluate_offline, idle_view
-from sim.types import SPLIT_TEST, Answer, LLMInfo, Query
+from sim.types import SPLIT_TEST, Answer, JudgeInfo, LLMInfo, Query
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +138,7 @@ def test_the_acceptance_rule_is_calibrated_for_the_scenarios_judge(wl):
 
     def fitted(ctx_noise, **params):
         pol = registry.create("cascade", {"chain": ["small", "large"], **params})
-        pol.setup(replace(context(wl, llm_infos()), judge_noise=ctx_noise))
+        pol.setup(replace(context(wl, llm_infos()), judge=JudgeInfo(noise=ctx_noise)))
         return pol
 
     sharp_scenario = fitted(0.05)
@@ -150,18 +150,43 @@ def test_the_acceptance_rule_is_calibrated_for_the_scenarios_judge(wl):
     assert sharp_scenario._p_good(*args)[0] > fitted(1.0)._p_good(*args)[0]
 
 
-def test_the_engine_hands_the_scenarios_judge_noise_to_policies():
+def test_validation_counts_the_judges_price_of_every_answer(wl):
+    """The chain and threshold are chosen on validation costs that include judging each
+    answer: accepting the first answer always pays one judged answer per row, running the
+    whole chain one per rung."""
+    from dataclasses import replace
+
+    from policies.quality_model import validation_truth
+
+    def fitted(judge):
+        pol = registry.create("cascade", {"chain": ["small", "large"]})
+        pol.setup(replace(context(wl, llm_infos()), judge=judge))
+        return pol
+
+    free, paid = fitted(JudgeInfo()), fitted(JudgeInfo(cost_usd=0.001))
+    truth = validation_truth(free.ctx, free.split, list(free.ctx.llms), free.reference)
+    n = len(free.split.valid_rows)
+    for threshold, calls in ((0.0, 1), (1.0, 2)):
+        q0, c0 = free._validation_point(threshold, truth)
+        q1, c1 = paid._validation_point(threshold, truth)
+        assert q1 == q0
+        assert c1 - c0 == pytest.approx(100 * 0.001 * calls * n / truth.ref_cost)
+
+
+def test_the_engine_hands_the_scenarios_judge_to_policies():
     from helpers import llm, scenario
     from sim.engine import Simulation, prepare_inputs
     from sim.runner import build_workload
 
-    sc = scenario(duration_s=20, judge={"noise": 0.2},
+    sc = scenario(duration_s=20, judge={"noise": 0.2, "cost_usd": 0.001,
+                                        "price_in_per_mtok": 3.0},
                   llms=[llm("gpt-4"), llm("mistral-7b", price_in_per_mtok=0.2,
                                           price_out_per_mtok=0.2)])
     pol = registry.create("cascade")
     wl = build_workload(sc, sc.seed)
     Simulation(sc, pol, prepare_inputs(sc, wl, sc.seed), seed=sc.seed)
-    assert pol.ctx.judge_noise == 0.2 and pol.judge_noise == 0.2
+    assert pol.ctx.judge == JudgeInfo(noise=0.2, cost_usd=0.001, price_in_per_mtok=3.0)
+    assert pol.judge_noise == 0.2
 
 
 def test_added_llm_joins_a_learned_chain(wl):

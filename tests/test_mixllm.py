@@ -237,6 +237,29 @@ def test_top_k_keep_rules_order_as_they_should_offline():
     assert [llms[j].name for j in res.chosen] == firsts
 
 
+def test_best_judged_fan_outs_count_the_judges_price_in_each_answers_cost():
+    from dataclasses import replace
+
+    from sim.types import JudgeInfo
+
+    wl = make_workload()
+    llms = infos(wl)
+    judge = JudgeInfo(cost_usd=1e-4, price_in_per_mtok=2.0)
+
+    def cost_terms(keep: str, top_k: int = 2):
+        pol = registry.create("mixllm", {"top_k": top_k, "keep": keep})
+        pol.setup(replace(context(wl, llms), judge=judge))
+        return pol, pol.route(query(wl, 0, 5), idle_view(llms)).terms["cost"]
+
+    pol, judged = cost_terms("best_judged")
+    _, primary = cost_terms("primary")
+    _, single = cost_terms("best_judged", top_k=1)  # nothing to judge between
+    np.testing.assert_array_equal(single, primary)
+    read = wl.input_tokens[5] + pol.len_hat[5, [x.model_col for x in llms]]
+    extra_usd = 1e-4 + read * 2.0 / 1e6
+    np.testing.assert_allclose((judged - primary) * pol._cost_unit, extra_usd, rtol=1e-9)
+
+
 # ------------------------------------------------------------------------------- LinUCB
 def test_sherman_morrison_and_woodbury_equal_direct_inverse():
     rng = np.random.default_rng(3)

@@ -20,7 +20,8 @@ Parts, each switchable for ablation through params:
   (best-scored) answer, with `keep: best_judged` the answer the scenario's judge scores
   highest (a noisy scorer a real deployment can run), or with `keep: best_realised` the best
   realised answer, which no real router can know: an upper bound, labelled so in reports.
-  The cost recorded is the sum over the k answers.
+  The cost recorded is the sum over the k answers (and, best-judged, the judge's price of
+  each, which the predicted cost of an answer then includes).
 
 Decision time is a handful of O(#LLMs) numpy operations on precomputed rows; the LinUCB
 matrices and the feedback network are updated every `update_every` items.
@@ -523,10 +524,15 @@ class MixLLMPolicy(BasePolicy):
             self._wprior = priors / (priors + self._posterior.count[:, cols])  # (n, L)
 
     def _costs(self, rows: np.ndarray) -> np.ndarray:
-        """(len(rows), L) predicted cost / cost unit at the bound prices."""
-        return (
-            self._in_tok[rows, None] * self._pin + self.len_hat[rows][:, self._cols] * self._pout
-        ) * self._cost_mult
+        """(len(rows), L) predicted cost / cost unit at the bound prices; with best-judged
+        fan-outs every answer is judged, so an answer's cost includes the judge's."""
+        inp = self._in_tok[rows, None]
+        out = self.len_hat[rows][:, self._cols]
+        usd_e6 = inp * self._pin + out * self._pout
+        if self._top_k > 1 and self._keep == "best_judged":
+            judge = self.ctx.judge
+            usd_e6 = usd_e6 + (judge.cost_usd * 1e6 + (inp + out) * judge.price_in_per_mtok)
+        return usd_e6 * self._cost_mult
 
     def _scaled_ainv(self) -> np.ndarray:
         """alpha^2 * A_l^-1 of the bound candidates stacked as one (L * d, d) matrix, so the
