@@ -237,12 +237,19 @@ def self_hosted(scenario: Scenario) -> list[LLMSpec]:
 def policy_spec(scenario: Scenario, name: str) -> PolicySpec:
     """The scenario's entry for `name` (label or policy name, with its params) or a bare
     spec; validated against the registry."""
-    for spec in scenario.policy_specs:
-        if spec.display == name:
-            break
-    else:
-        spec = next((s for s in scenario.policy_specs if s.name == name), PolicySpec(name=name))
-    return resolve_policies(scenario, [spec])[0]
+    specs = scenario.policy_specs
+    index = next((i for i, s in enumerate(specs) if s.display == name), None)
+    if index is None:
+        index = next((i for i, s in enumerate(specs) if s.name == name), None)
+    spec = specs[index] if index is not None else PolicySpec(name=name)
+    try:
+        return resolve_policies(scenario, [spec])[0]
+    except RouteSimError as exc:
+        if index is None or not (exc.field or "").startswith("--policy"):
+            raise
+        # The params are the scenario's: point at its entry, not at the --policy option.
+        raise type(exc)(exc.message, source=exc.source,
+                        field=f"policies.{index}" + exc.field[len("--policy"):]) from None
 
 
 class Planner:

@@ -12,8 +12,13 @@ from __future__ import annotations
 import glob
 import os
 import re
+import secrets
 import shutil
+import signal
+import socket
+import threading
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -250,61 +255,69 @@ def _at_entry(exc: RouteSimError, spec: PolicySpec, entry: str) -> RouteSimError
 
 
 class _Staging:
-    """One scenario's outputs, written under OUT/.<scenario>.partial-<pid> and moved to
+    """One scenario's outputs, written under OUT/.<scenario>.partial-<run token> and moved to
     OUT/<scenario> only when every run has succeeded: a failed or interrupted run leaves OUT
     as it was, and a re-run replaces the scenario's directory instead of mixing into it.
 
-    A scenario directory that is a symbolic link (outputs kept on other storage) is replaced
-    at the link's target, so the link stays."""
+    The token is host, pid and a random part, so runs on other machines or containers
+    sharing OUT never take each other's staging for a dead run's. The swap itself runs
+    under a lock on OUT and with Ctrl-C/SIGTERM held back, so concurrent runs and signals
+    cannot leave the directory and summary.parquet disagreeing."""
 
     def __init__(self, out: Path, scenario_name: str):
         self.out = out
         self.name = scenario_name
         base = safe_dirname(scenario_name, field="name")
-        target = out / base
-        # Swap where the directory really lives: renaming the link itself would replace it
-        # with a plain directory on OUT's file system.
-        self.target = target.resolve() if target.is_symlink() else target
-        home = self.target.parent
-        pid = os.getpid()
-        self.dir = home / f".{self.target.name}{PARTIAL_MARK}{pid}"
-        self._old = home / f".{self.target.name}{OLD_MARK}{pid}"
-        self._summary = out / f".summary.parquet{PARTIAL_MARK}{pid}"
+        self.target = out / base
+        if self.target.is_symlink() or (self.target.exists() and not self.target.is_dir()):
+            # A run replaces this directory as a whole: through a link it would land on the
+            # wrong file system, replace a file, or drop the link.
+            raise RouteSimError(
+                f"{self.target} is {'a symbolic link' if self.target.is_symlink() else 'a file'}"
+                "; a run replaces a scenario's directory as a whole, so give --out a real "
+                "directory (OUT itself may be a link to other storage)",
+                field="--out",
+            )
+        token = f"{_HOST}-{os.getpid()}-{secrets.token_hex(4)}"
+        self.dir = out / f".{base}{PARTIAL_MARK}{token}"
+        self._old = out / f".{base}{OLD_MARK}{token}"
+        self._summary = out / f".summary.parquet{PARTIAL_MARK}{token}"
         # Created here, so removed again on failure (the CLI promises no output directory
         # from a failed run).
         self._made = [p for p in (out, *out.parents) if not p.exists()]
         # Read now only to fail before the runs if it is unreadable; the rows kept are read
         # again at commit, so a scenario another process finished meanwhile is not lost.
         _other_scenarios(out / "summary.parquet", scenario_name)
-        _remove_dead_staging(home, self.target.name)
         self.dir.mkdir(parents=True)
+        with _out_lock(out):
+            _remove_dead_staging(out, base)
 
     def commit(self, summary: pl.DataFrame, scenario_yaml: str) -> None:
         write_text(scenario_yaml, self.dir / "scenario.yaml")
-        # summary.parquet lists every run under OUT: other scenarios' rows stay.
-        kept = _other_scenarios(self.out / "summary.parquet", self.name)
-        merged = pl.concat([kept, summary], how="diagonal_relaxed") if kept is not None \
-            else summary
-        write_parquet(merged, self._summary)
-        _remove(self._old)
-        moved = swapped = False
-        try:
-            if self.target.exists() or self.target.is_symlink():
-                os.rename(self.target, self._old)
-                moved = True
-            os.rename(self.dir, self.target)
-            swapped = True
-            os.replace(self._summary, self.out / "summary.parquet")
-        except BaseException:
-            # Undo in reverse so OUT is as it was; abort() then removes the staging files.
-            if swapped:
-                os.rename(self.target, self.dir)
-            if moved:
-                os.rename(self._old, self.target)
-            raise
-        _remove(self._old)
-        # It shows the runs it was made from; `routesim report` writes it again.
-        (self.out / "report.html").unlink(missing_ok=True)
+        with _out_lock(self.out), _signals_held():
+            # summary.parquet lists every run under OUT: other scenarios' rows stay.
+            kept = _other_scenarios(self.out / "summary.parquet", self.name)
+            merged = (pl.concat([kept, summary], how="diagonal_relaxed") if kept is not None
+                      else summary)
+            write_parquet(merged, self._summary)
+            moved = swapped = False
+            try:
+                if self.target.exists():
+                    os.rename(self.target, self._old)
+                    moved = True
+                os.rename(self.dir, self.target)
+                swapped = True
+                os.replace(self._summary, self.out / "summary.parquet")
+            except BaseException:
+                # Undo in reverse so OUT is as it was; abort() then removes the staging.
+                if swapped:
+                    os.rename(self.target, self.dir)
+                if moved:
+                    os.rename(self._old, self.target)
+                raise
+            _remove(self._old)
+            # It shows the runs it was made from; `routesim report` writes it again.
+            (self.out / "report.html").unlink(missing_ok=True)
 
     def abort(self) -> None:
         _remove(self.dir)
@@ -316,16 +329,54 @@ class _Staging:
                 break
 
 
-def _remove_dead_staging(home: Path, name: str) -> None:
-    """Staging directories of `name` left by runs that were killed (their process is gone):
-    SIGKILL or a power cut gives no chance to clean up. A previous result set aside by a run
-    killed mid-swap is put back if nothing replaced it."""
+_HOST = re.sub(r"[^A-Za-z0-9]+", "", socket.gethostname()) or "host"
+
+
+@contextmanager
+def _out_lock(out: Path):
+    """An exclusive lock on the OUT directory itself (POSIX advisory lock; elsewhere none),
+    held while staging is cleaned up or swapped in. Locking the directory leaves no lock
+    file behind."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@contextmanager
+def _signals_held():
+    """Ctrl-C and SIGTERM wait until the block ends (the swap is a few renames): a signal
+    between two renames would otherwise leave half a swap behind."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    if not hasattr(signal, "pthread_sigmask") or (
+            threading.current_thread() is not threading.main_thread()):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _remove_dead_staging(out: Path, name: str) -> None:
+    """Staging of `name` left by runs on this host that were killed (their process is gone:
+    SIGKILL or a power cut gives no chance to clean up). A previous result set aside by a
+    run killed mid-swap is put back if nothing replaced it. Other hosts' staging is never
+    touched: their processes cannot be seen from here."""
     for mark in (PARTIAL_MARK, OLD_MARK):
-        for path in sorted(home.glob(f".{glob.escape(name)}{mark}*")):
-            pid = path.name.rsplit(mark, 1)[-1]
-            if not pid.isdigit() or (int(pid) != os.getpid() and _process_alive(int(pid))):
+        for path in sorted(out.glob(f".{glob.escape(name)}{mark}{glob.escape(_HOST)}-*")):
+            parts = path.name.rsplit(mark, 1)[-1].split("-")
+            if len(parts) != 3 or not parts[1].isdigit() or _process_alive(int(parts[1])):
                 continue
-            target = home / name
+            target = out / name
             if mark == OLD_MARK and not (target.exists() or target.is_symlink()):
                 os.rename(path, target)
             else:
@@ -339,8 +390,8 @@ def _process_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, OSError):
-        return True  # exists but is not ours (or the platform cannot tell): leave it
+    except OSError:
+        return True  # it exists but is not ours
     return True
 
 

@@ -17,8 +17,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         seen: dict[Any, yaml.Node] = {}
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
-                continue  # `<<: *anchor`: merged keys may be overridden, that is its point
-            key = self.construct_object(key_node, deep=deep)
+                # `<<: *anchor` keys may be overridden (that is its point), but a second
+                # `<<` in one mapping would silently drop the first: merge a list instead.
+                key = "<<"
+            else:
+                key = self.construct_object(key_node, deep=deep)
             try:
                 first = seen.get(key)
             except TypeError:  # an unhashable key: let PyYAML report it

@@ -145,6 +145,10 @@ def test_yaml_merge_keys_still_work(tmp_path):
     assert [x.name for x in sc.llms] == ["gpt-4", "mistral-7b"]
     assert sc.llms[1].slots == 4  # from the anchor
     assert sc.llms[1].price_in_per_mtok == 0.2  # overridden
+    # Two `<<` in one mapping would drop the first one's keys: a repeated key too.
+    twice = text.replace("- <<: *big\n", "- <<: *big\n  <<: *big\n")
+    with pytest.raises(ScenarioError, match="duplicate key '<<'"):
+        load_scenario(write(tmp_path, twice))
 
 
 def test_a_repeated_key_in_a_sweep_grid_is_an_error(tmp_path):

@@ -226,3 +226,13 @@ def test_plan_takes_data_like_run_and_rejects_it_for_a_synthetic_scenario(tmp_pa
                               "--out", str(tmp_path / "p")])
     assert res.exit_code == 2 and "--data" in res.output and "synthetic" in res.output
     assert not (tmp_path / "p").exists()
+
+
+def test_plan_errors_in_a_scenario_policys_params_point_at_its_entry(tmp_path):
+    data = _data(policies=["random", {"name": "threshold", "params": {"strong": "gpt-5"}}])
+    path = _write(tmp_path, data)
+    res = runner.invoke(app, ["plan", path, "--policy", "threshold", "--slo-p95-wait", "2",
+                              "--out", str(tmp_path / "p")])
+    assert res.exit_code == 2
+    assert f"{path}: policies.1.params.strong: 'gpt-5'" in res.output
+    assert not (tmp_path / "p").exists()

@@ -209,7 +209,7 @@ def test_an_interrupt_while_swapping_the_result_in_leaves_out_as_it_was(tmp_path
     real_replace = os.replace
 
     def interrupted(src, dst):
-        if str(src).endswith(f".summary.parquet{runner_mod.PARTIAL_MARK}{os.getpid()}"):
+        if f".summary.parquet{runner_mod.PARTIAL_MARK}" in str(src):
             raise KeyboardInterrupt
         return real_replace(src, dst)
 
@@ -221,46 +221,61 @@ def test_an_interrupt_while_swapping_the_result_in_leaves_out_as_it_was(tmp_path
 
 
 def test_staging_left_by_a_killed_run_is_cleaned_up_or_restored(tmp_path):
-    from sim.runner import OLD_MARK, PARTIAL_MARK, run
+    """Only this host's runs whose process is gone count as dead: another host's staging
+    (a shared OUT) and a live process's are left alone."""
+    import os
 
-    dead = 2**22 + 12345  # above Linux's default pid_max: no such process
+    from sim.runner import _HOST, OLD_MARK, PARTIAL_MARK, run
+
+    dead = f"{_HOST}-{2**22 + 12345}-0a1b2c3d"  # pid above Linux's default pid_max
+    elsewhere = f"otherhost-{2**22 + 12345}-0a1b2c3d"
+    alive = f"{_HOST}-{os.getpid()}-0a1b2c3d"
     run(_tiny(), out=tmp_path)
     # A run killed mid-swap: the previous result set aside, nothing in its place.
     (tmp_path / "t").rename(tmp_path / f".t{OLD_MARK}{dead}")
-    partial = tmp_path / f".t{PARTIAL_MARK}{dead}" / "random" / "seed1"
-    partial.mkdir(parents=True)
-    (partial / "summary.json").write_text("{}")
+    for token in (dead, elsewhere, alive):
+        (tmp_path / f".t{PARTIAL_MARK}{token}" / "random" / "seed1").mkdir(parents=True)
     run(_tiny("u", ["random"]), out=tmp_path)  # another scenario: t's leftovers stay
     assert (tmp_path / f".t{PARTIAL_MARK}{dead}").exists()
     run(_tiny(policies=["random"]), out=tmp_path)
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == sorted(
+        f".t{PARTIAL_MARK}{token}" for token in (elsewhere, alive))
     # The restored result was then replaced by the new run, as any re-run does.
     assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["random", "scenario.yaml"]
 
 
 def test_a_killed_run_that_set_the_result_aside_gets_it_back(tmp_path):
-    from sim.runner import OLD_MARK, _remove_dead_staging, run
+    from sim.runner import _HOST, OLD_MARK, _remove_dead_staging, run
 
     run(_tiny(), out=tmp_path)
     kept = _files(tmp_path / "t")
-    (tmp_path / "t").rename(tmp_path / f".t{OLD_MARK}{2**22 + 7}")
+    (tmp_path / "t").rename(tmp_path / f".t{OLD_MARK}{_HOST}-{2**22 + 7}-00ff00ff")
     _remove_dead_staging(tmp_path, "t")
     assert _files(tmp_path / "t") == kept
 
 
-def test_a_scenario_directory_that_is_a_symlink_stays_one(tmp_path):
+@pytest.mark.parametrize("kind", ["link to a directory", "link to a file", "file"])
+def test_a_scenario_path_that_is_not_a_plain_directory_is_bad_input(tmp_path, kind):
+    """A run replaces OUT/<scenario> as a whole: through a link it would drop the link or
+    land on other storage, over a file it would destroy it. Refused before any run."""
     from sim.runner import run
 
-    store = tmp_path / "store" / "t"
     out = tmp_path / "out"
-    run(_tiny(), out=out)
-    store.parent.mkdir()
-    (out / "t").rename(store)
-    (out / "t").symlink_to(store, target_is_directory=True)
-    run(_tiny(policies=["random"]), out=out)
-    assert (out / "t").is_symlink() and (out / "t").resolve() == store.resolve()
-    assert sorted(p.name for p in store.iterdir()) == ["random", "scenario.yaml"]
-    assert not [p for p in store.parent.iterdir() if p.name.startswith(".")]
+    out.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    if kind == "link to a directory":
+        elsewhere.mkdir()
+        (out / "t").symlink_to(elsewhere, target_is_directory=True)
+    elif kind == "link to a file":
+        elsewhere.write_text("notes")
+        (out / "t").symlink_to(elsewhere)
+    else:
+        (out / "t").write_text("notes")
+    with pytest.raises(RouteSimError, match="replaces a scenario's directory as a whole"):
+        run(_tiny(), out=out)
+    assert sorted(p.name for p in out.iterdir()) == ["t"]
+    if kind == "link to a file":
+        assert elsewhere.read_text() == "notes"
 
 
 def test_out_that_is_a_dangling_symlink_is_bad_input(tmp_path):
