@@ -124,7 +124,8 @@ def evaluate_offline(
             if decision.keep == "best_realised":
                 kept_quality, kept, _ = max(quals, key=lambda p: (p[0], -p[2]))
                 realised_picks += len(quals) > 1
-            elif decision.keep == "best_judged":
+            elif decision.keep == "best_judged" and len(quals) > 1:
+                # As in the engine, only a fan-out is judged: one answer is kept as it is.
                 kept_quality, kept, _ = max(
                     quals,
                     key=lambda p: (float(np.clip(p[0] + judge_eps[i, p[2]], 0.0, 1.0)), -p[2]),

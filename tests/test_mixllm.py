@@ -120,6 +120,26 @@ def test_decision_is_argmax_of_documented_score():
     np.testing.assert_allclose(dec.terms["penalty"], pen)
 
 
+def test_uncertainty_term_is_alpha_sqrt_x_ainv_x_of_the_queries_each_llm_served():
+    # A_l = I + sum of x x^T over the queries l served, rebuilt here from scratch and solved
+    # directly (the policy keeps A^-1 by rank-one updates).
+    wl = make_workload()
+    llms = infos(wl)
+    alpha = 0.2
+    pol = make_policy(wl, llms, lambda_=3.0, alpha=alpha, update_every=1)
+    view = idle_view(llms)
+    d = pol._u.shape[1]
+    a = {x.name: np.eye(d) for x in llms}
+    for i, row in enumerate(wl.rows(SPLIT_TEST)[:150]):
+        dec = pol.route(query(wl, i, int(row)), view)
+        x = pol._u[row]
+        expected = [alpha * np.sqrt(x @ np.linalg.solve(a[nm], x)) for nm in view.names]
+        np.testing.assert_allclose(dec.terms["uncertainty"], expected, rtol=1e-9)
+        a[dec.llm] += np.outer(x, x)
+    # The check covered matrices that had learned something, for more than one LLM.
+    assert sum(np.trace(m) > d for m in a.values()) >= 2
+
+
 def test_only_accepting_llms_are_chosen():
     wl = make_workload()
     llms = infos(wl)
@@ -237,6 +257,25 @@ def test_top_k_keep_rules_order_as_they_should_offline():
     assert [llms[j].name for j in res.chosen] == firsts
 
 
+def test_one_answer_is_never_billed_a_judge_whatever_the_keep_rule():
+    # best_judged with top_k 1, or a fan-out none of whose extras accept: one answer, no
+    # judge call, in the offline evaluator as in the engine.
+    wl = make_workload()
+    llms = infos(wl)
+    rows = wl.rows(SPLIT_TEST)
+    judge = JudgeSpec(cost_usd=0.01, price_in_per_mtok=50.0)
+    single = {}
+    for keep in ("primary", "best_judged"):
+        pol = make_policy(wl, llms, top_k=1, keep=keep)
+        single[keep] = evaluate_offline(pol, wl, llms, rows, reference=llms[-1], judge=judge)
+        assert pol.route(query(wl, 0, int(rows[0])), idle_view(llms)).keep == "primary"
+    assert single["best_judged"].cost_usd == single["primary"].cost_usd
+    view = idle_view(llms)
+    view.accepting[:] = [False, False, True]
+    dec = make_policy(wl, llms, top_k=2, keep="best_judged").route(query(wl, 0, int(rows[0])), view)
+    assert dec.extra == () and dec.keep == "primary"
+
+
 def test_best_judged_fan_outs_count_the_judges_price_in_each_answers_cost():
     from dataclasses import replace
 
@@ -347,22 +386,32 @@ def test_added_llm_is_explored_and_predicted_from_a_warm_start():
     all_llms = infos(wl, prices=prices)
     rows = wl.rows(SPLIT_TEST)
 
-    def share_of_late(**params) -> float:
+    def picks_after_joining(n_after: int = 400, pin_below_mid: bool = True, **params):
         pol = make_policy(wl, all_llms[:2], lambda_=5.0, online=False, **params)
         v0 = idle_view(all_llms[:2])
         for i in range(300):
             pol.route(query(wl, i, int(rows[i % len(rows)])), v0)
         pol.on_llm_added(all_llms[2])
-        v1 = idle_view(all_llms)
-        picks = [pol.route(query(wl, i, int(rows[i % len(rows)])), v1).llm for i in range(200)]
         assert np.isfinite(pol.q_hat[:, 2]).all()  # the newcomer has predictions for all rows
-        return picks.count("late") / len(picks)
+        if pin_below_mid:
+            # Which 30 warm-start rows are drawn decides whether `late` looks better or worse
+            # than `mid`; pinned a little worse, only the uncertainty bonus can pick it.
+            pol.q_hat[:, 2] = pol.q_hat[:, 1] - 0.02
+            pol._q_live[:, 2] = pol.q_hat[:, 2]
+            pol._names = None  # rebind the candidates' arrays
+        v1 = idle_view(all_llms)
+        return [
+            pol.route(query(wl, i, int(rows[i % len(rows)])), v1).llm for i in range(n_after)
+        ]
 
-    explored = share_of_late(alpha=0.3, warm_start_n=30)
-    not_explored = share_of_late(uncertainty=False, warm_start_n=30)
-    assert explored >= 0.2
-    assert explored > not_explored
-    assert share_of_late(alpha=0.3, warm_start_n=0) > 0.0  # a prior only: still tried
+    explored = picks_after_joining(alpha=0.3, warm_start_n=30)
+    not_explored = picks_after_joining(uncertainty=False, warm_start_n=30)
+    assert not_explored.count("late") == 0
+    first, last = explored[:100].count("late"), explored[300:].count("late")
+    assert first >= 50  # a fresh A = I / new_llm_explore: a bonus far above a 0.02 gap
+    assert last < first  # and it shrinks as the newcomer serves (LinUCB), so exploring ends
+    # A prior only (no warm-start rows): still tried.
+    assert "late" in picks_after_joining(200, False, alpha=0.3, warm_start_n=0)
 
 
 def test_removed_llm_is_never_chosen_and_others_are_not_refitted():
@@ -416,17 +465,25 @@ def test_unknown_param_lists_the_allowed_ones():
         registry.validate_params("mixllm", {"lamda": 1.0})
 
 
-def test_registered_and_deterministic_per_seed():
+@pytest.mark.parametrize("predictor", ["knn", "random_forest", "mlp"])
+def test_registered_and_deterministic_per_seed(predictor):
+    from policies.mixllm import policy as mixllm_policy
+
     assert "mixllm" in registry.names()
     wl = make_workload()
     llms = infos(wl)
     rows = wl.rows(SPLIT_TEST)
     runs = []
     for _ in range(2):
-        pol = make_policy(wl, llms, seed=7, online=True)
+        # Process-wide caches would hand the second run the first one's predictions.
+        for cache in (mixllm_policy._PREDICTION_CACHE, mixllm_policy._KNN_K_CACHE,
+                      mixllm_policy._NEIGHBOUR_CACHE):
+            cache.clear()
+        pol = make_policy(wl, llms, seed=7, online=True, predictor=predictor, n_estimators=20)
         res = evaluate_offline(pol, wl, llms, rows, reference=llms[-1], feedback_probability=0.5)
-        runs.append(res.chosen)
-    np.testing.assert_array_equal(runs[0], runs[1])
+        runs.append((res.chosen, pol.q_hat.copy()))
+    np.testing.assert_array_equal(runs[0][0], runs[1][0])
+    np.testing.assert_array_equal(runs[0][1], runs[1][1])
 
 
 def test_views_with_inf_wait_for_down_llms_are_handled():
@@ -450,6 +507,16 @@ def test_views_with_inf_wait_for_down_llms_are_handled():
         dec = pol.route(query(wl, 0, int(wl.rows(SPLIT_TEST)[0])), view)
     assert dec.llm != "dear"
     assert np.isfinite(dec.scores).all()
+    # gamma 0: the penalty is beta whatever the wait, an infinite one too (not 0 * inf).
+    flat = make_policy(wl, llms, gamma=0.0, beta=0.1)
+    view.est_wait_s[:] = [0.0, 5.0, np.inf]
+    with np.errstate(all="raise"):
+        dec = flat.route(query(wl, 0, int(wl.rows(SPLIT_TEST)[0])), view)
+    np.testing.assert_array_equal(dec.terms["penalty"], [0.1, 0.1, 0.1])
+    assert np.isfinite(dec.scores).all()
+    np.testing.assert_array_equal(
+        latency_penalty(view.est_wait_s, beta=0.1, gamma=0.0, xi=0.8, tau_s=30.0), [0.1] * 3
+    )
 
 
 # ------------------------------------------------------------------------ kNN's k by CV
@@ -498,6 +565,31 @@ def test_setup_with_no_initial_llm_then_llms_joining():
         pol.on_llm_added(llm)
     row = int(wl.rows(SPLIT_TEST)[0])
     assert pol.route(query(wl, 0, row), idle_view(llms)).llm in wl.models
+    # The cost unit (what lambda trades quality against) is the reference LLM's, as when
+    # every LLM is there at setup; before, it stayed at 1 USD and the cost term vanished.
+    assert pol._cost_unit == pytest.approx(make_policy(wl, llms)._cost_unit)
+
+
+def test_a_unit_set_before_the_reference_joins_is_replaced_by_it_once():
+    wl = make_workload()
+    llms = infos(wl)  # cheap, mid, dear; dear is the reference
+    pol = registry.create("mixllm", {"uncertainty": False, "penalty": False})
+    pol.setup(context_for(wl, llms[:1], reference_llm="dear", rng=np.random.default_rng(0)))
+    provisional = pol._cost_unit
+    pol.on_llm_added(llms[1])
+    assert pol._cost_unit == provisional  # still no reference: unchanged
+    pol.on_llm_added(llms[2])
+    ref_unit = make_policy(wl, llms)._cost_unit
+    assert pol._cost_unit == pytest.approx(ref_unit) and ref_unit > 10 * provisional
+    row = int(wl.rows(SPLIT_TEST)[0])
+    cost = pol.route(query(wl, 0, row), idle_view(llms)).terms["cost"]
+    # Every answer is 60 tokens, so warm-start length predictions are exact: same costs.
+    np.testing.assert_allclose(cost, make_policy(wl, llms).route(
+        query(wl, 0, row), idle_view(llms)).terms["cost"], rtol=1e-12)
+    # Removed and re-added, the reference does not move the unit again.
+    pol.on_llm_removed("dear")
+    pol.on_llm_added(llms[2])
+    assert pol._cost_unit == pytest.approx(ref_unit)
 
 
 # --------------------------------------------------------------------------- price changes

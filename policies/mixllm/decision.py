@@ -33,10 +33,14 @@ def cost_weight(lam: float) -> float:
 def latency_penalty(
     wait_s: np.ndarray, *, beta: float, gamma: float, xi: float, tau_s: float
 ) -> np.ndarray:
-    """beta * exp(gamma * (w - xi * tau)) per candidate; an infinite wait gives e^60 * beta.
+    """beta * exp(gamma * (w - xi * tau)) per candidate; an infinite wait gives e^60 * beta
+    (beta when gamma is 0: the penalty then does not depend on the wait).
 
     (The policy computes the same expression inline, with preallocated constants.)"""
-    expo = np.minimum(gamma * (wait_s - xi * tau_s), MAX_PENALTY_EXPONENT)
+    wait = np.asarray(wait_s, dtype=np.float64)
+    if gamma == 0:
+        return np.full(wait.shape, float(beta))
+    expo = np.minimum(gamma * (wait - xi * tau_s), MAX_PENALTY_EXPONENT)
     return beta * np.exp(expo)
 
 
@@ -70,7 +74,8 @@ def ranked(scores: np.ndarray, allowed: np.ndarray, k: int) -> np.ndarray:
 
 def cost_scale(costs: np.ndarray) -> float:
     """The fixed normaliser of predicted costs (n_rows, n_llms): the mean over training rows
-    of the dearest given LLM's predicted cost (the policy passes the reference LLM alone).
+    of the highest predicted cost among the given LLMs (the policy passes the reference LLM
+    alone when it knows it, so the unit is then its mean predicted cost).
 
     A fixed scale (not a per-query max) keeps the score a per-query Lagrangian of "total
     quality minus price x total cost", which is what the quality %/cost % metric rewards; with

@@ -15,8 +15,8 @@ cannot. It needs no gradient steps: a batch of feedback adds counts along precom
 neighbour lists, O(batch x n_neighbours), and the decision itself only indexes arrays.
 
 The neighbour lists are computed once for every workload row (cosine similarity of the same
-inputs the kNN predictor uses): O(n^2 d) at setup (a second for RouterBench's 3,178 rows),
-in blocks of rows so memory stays O(n K).
+inputs the kNN predictor uses): O(n^2 d) at setup (a second for RouterBench's 3,150 usable
+rows), in blocks of rows so memory stays O(n K).
 """
 
 from __future__ import annotations

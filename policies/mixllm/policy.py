@@ -255,7 +255,9 @@ class MixLLMPolicy(BasePolicy):
         # A wait beyond this cap already gives pen0 * e^(MAX_PENALTY_EXPONENT); capping it
         # keeps exp() from overflowing.
         cap = MAX_PENALTY_EXPONENT + self._pen_shift
-        self._wait_cap = cap / p.gamma if p.gamma > 0 else np.inf
+        # gamma 0: the penalty is the constant beta whatever the wait; a cap of 0 keeps an
+        # infinite wait (a down deployment) from making 0 * inf = NaN.
+        self._wait_cap = cap / p.gamma if p.gamma > 0 else 0.0
         self._seed = int(ctx.rng.integers(2**31 - 1))
         self._rng = np.random.default_rng(ctx.rng.integers(2**63 - 1))
         self._net_seed = int(ctx.rng.integers(2**63 - 1))
@@ -299,21 +301,10 @@ class MixLLMPolicy(BasePolicy):
         for col in sorted({x.model_col for x in ctx.llms}):
             self._fit_column(col, fit_idx)
 
-        # Fixed cost unit: the reference LLM's mean predicted cost per query over the fit
-        # rows (the unit of the cost % metric), or the dearest initial LLM's without one.
-        self._cost_unit = 1.0
-        if ctx.llms:
-            ref = [x for x in ctx.llms if x.name == ctx.reference_llm]
-            chosen = ref or list(ctx.llms)
-            cols = np.array([x.model_col for x in chosen])
-            pin = np.array([x.price_in_per_mtok for x in chosen])
-            pout = np.array([x.price_out_per_mtok for x in chosen])
-            rows = self._fit_rows
-            costs = (
-                self._in_tok[rows, None] * pin + self.len_hat[rows][:, cols] * pout
-            ) / 1e6
-            self._cost_unit = cost_scale(costs)
-        self._cost_mult = 1e-6 / self._cost_unit
+        self._cost_unit: float | None = None  # set with the first LLM
+        self._cost_mult = 1e-6
+        self._unit_is_ref = False
+        self._set_cost_unit(list(ctx.llms))
 
         # Low-dimensional context for LinUCB and the feedback network: PCA of the inputs
         # (fitted on the fit rows) plus a constant, unit-normalised; then the task one-hot.
@@ -332,6 +323,28 @@ class MixLLMPolicy(BasePolicy):
         if p.online and p.online_critic > 0 and p.online_critic_kind != "ridge":
             self._nbr_lists = _neighbour_lists(self._x, p.online_neighbours or self.knn_k or 100)
         self._reset_online()
+
+    def _set_cost_unit(self, llms: list[LLMInfo]) -> None:
+        """Fix the cost unit: the reference LLM's mean predicted cost per query over the fit
+        rows (the unit of the cost % metric), or, until the reference is known, the highest
+        predicted cost among `llms` (rows' maximum, averaged). A unit set without the
+        reference is provisional: the reference replaces it when it joins, once; after that
+        the unit never changes (a price change keeps it, so lambda keeps its meaning)."""
+        if self._unit_is_ref or not llms:
+            return
+        ref = [x for x in llms if x.name == self.ctx.reference_llm]
+        if not ref and self._cost_unit is not None:
+            return
+        chosen = ref or llms
+        cols = np.array([x.model_col for x in chosen])
+        pin = np.array([x.price_in_per_mtok for x in chosen])
+        pout = np.array([x.price_out_per_mtok for x in chosen])
+        rows = self._fit_rows
+        costs = (self._in_tok[rows, None] * pin + self.len_hat[rows][:, cols] * pout) / 1e6
+        self._cost_unit = cost_scale(costs)
+        self._cost_mult = 1e-6 / self._cost_unit
+        self._unit_is_ref = bool(ref)
+        self._names = None  # the bound cost arrays are in the old unit
 
     def _cv_knn_k(self, x: np.ndarray, quality: np.ndarray) -> int:
         """k by 5-fold CV Brier on the fit rows, folds fixed (k is a property of the data, not
@@ -608,7 +621,9 @@ class MixLLMPolicy(BasePolicy):
             scores=score,
             terms={"quality": q, "cost": self._cc[r], "uncertainty": unc, "penalty": pen},
             extra=extra,
-            keep=self._keep,
+            # One answer is kept whatever the rule: saying so keeps a judge from being billed
+            # for a fan-out that did not happen.
+            keep=self._keep if extra else "primary",
         )
 
     def _extras(self, score: np.ndarray, acc: np.ndarray, best: int, row: int) -> tuple[str, ...]:
@@ -698,6 +713,7 @@ class MixLLMPolicy(BasePolicy):
                 self._posterior.forget(col)
         self._slot[llm.name] = self._bank.add_slot(p.new_llm_explore)
         self._info[llm.name] = llm
+        self._set_cost_unit([llm])  # the first LLM of an empty start, or the reference
         self._names = None  # rebind on the next decision
 
     def on_llm_removed(self, name: str) -> None:
