@@ -44,6 +44,8 @@ class Job:
         "round",
         "answer",
         "reject_reason",
+        "price_in",
+        "price_out",
     )
 
     def __init__(self, rid: int, dep: Deployment, enq_s: float, deadline: float, primary: bool):
@@ -64,6 +66,10 @@ class Job:
         self.round = 0
         self.answer = 0
         self.reject_reason = -1  # a sim.record REJECT_* code once rejected
+        # Billed at the list prices in force when the call was routed (the prices the policy
+        # decided on, and those the reference cost of its request uses), not at service start.
+        self.price_in = dep.price_in
+        self.price_out = dep.price_out
 
 
 class Deployment:

@@ -6,7 +6,10 @@ service -> completion (quality and cost realised) -> maybe feedback after a dela
 A job that fails in an outage is re-offered to the policy up to `run.max_retries` times;
 queued jobs of a removed deployment are re-offered (not counted as retries).
 Every request ends in exactly one recorded outcome; a rejection also records why
-(`reject_reason`: down, rate_limited, queue_full or removed).
+(`reject_reason`: down, rate_limited, queue_full or removed). An LLM call is billed at the
+list prices in force when it was routed (what the policy decided on, and what the request's
+reference cost uses), even if a price change comes while it queues.
+A fan-out round with a copy whose user gave up is not retried: the request is abandoned.
 
 Two exact shortcuts keep the event loop lean (one SimPy event per arrival and one per
 service): abandonment and feedback delivery are evaluated lazily. A queued job whose
@@ -163,6 +166,10 @@ class _TopK:
     results: list  # (quality, job)
     waits: list  # queueing time of each copy that started or gave up
     failed: bool = False
+    abandoned: tuple | None = None  # (time, job) of the first copy whose user gave up
+    # Latest end among the copies: an abandonment is noticed lazily and recorded at its
+    # deadline, which can precede a copy that completed before it was noticed.
+    end_s: float = -math.inf
     finished: bool = False  # the primary answer was delivered; later copies only cost
     primary_end: tuple | None = None  # (outcome, job) of the primary copy, once it ended
 
@@ -349,10 +356,12 @@ class Simulation:
         )
 
     def _observe(self, now: float) -> None:
-        """Bring lazily evaluated state up to `now` before the policy looks at anything."""
+        """Bring lazily evaluated state up to `now` before the policy looks at anything.
+        Expiry first: an abandoned escalation finishes its request with the answer in hand,
+        at its deadline, and that answer's feedback may already be due."""
+        self._expire_all(now)
         if self._fb_heap and self._fb_heap[0][0] <= now:
             self._deliver_feedback(now)
-        self._expire_all(now)
 
     def _offer(self, rid: int, attempt: int, now: float, rnd: int = 0) -> None:
         """Ask the policy and submit its decision's job(s); `rnd` is the routing round that
@@ -466,7 +475,7 @@ class Simulation:
             ttft = svc
         job.service_s = svc
         job.ttft_s = ttft
-        job.cost_usd = (inp * d.price_in + out * d.price_out) / 1e6
+        job.cost_usd = (inp * job.price_in + out * job.price_out) / 1e6
         self.cluster.set_active(d, r, +1)  # also refreshes the view's derived entries
         d.running[r].add(job)
         ev = self.env.timeout(svc, value=(job, job.token))
@@ -573,6 +582,7 @@ class Simulation:
         when the primary answer arrives (later copies only add cost); with "best_judged" or
         "best_realised" it waits for every copy."""
         rid = job.rid
+        tk.end_s = max(tk.end_s, t)
         if outcome == COMPLETED:
             tk.results.append((float(self._quality[self._rows_l[rid], job.dep.col]), job))
             if job.primary and tk.keep == "primary" and not tk.finished:
@@ -581,6 +591,8 @@ class Simulation:
                              wait=job.start_s - job.enq_s)
         elif outcome == FAILED:
             tk.failed = True
+        elif outcome == ABANDONED and tk.abandoned is None:
+            tk.abandoned = (t, job)
         if job.primary:
             tk.primary_end = (outcome, job)
         tk.pending -= 1
@@ -603,13 +615,18 @@ class Simulation:
                 self.rec.cols["cost_usd"][rid] += sum(self._judge_cost(j) for _, j in tk.results)
             else:  # the primary failed or gave up: deliver the first other answer
                 qual, kept = tk.results[0]
-            self._finish(rid, COMPLETED, t, kept, qual, wait=kept.start_s - kept.enq_s)
+            self._finish(rid, COMPLETED, tk.end_s, kept, qual, wait=kept.start_s - kept.enq_s)
             return
-        self._wait[rid] = max(tk.waits, default=0.0)
+        self._wait[rid] += max(tk.waits, default=0.0)  # the round's copies queued at once
         cols = self.rec.cols
-        if tk.failed and cols["retries"][rid] < self.sc.run.max_retries:
+        if tk.abandoned is not None:
+            # The user gave up waiting (copies of a round share one deadline), so nothing is
+            # retried; noticed lazily, the abandonment is recorded when it happened.
+            t_gone, gone = tk.abandoned
+            self._finish(rid, ABANDONED, t_gone, gone)
+        elif tk.failed and cols["retries"][rid] < self.sc.run.max_retries:
             cols["retries"][rid] += 1
-            self._offer(rid, self._attempts[rid], t, job.round + 1)
+            self._offer(rid, self._attempts[rid], self.env.now, job.round + 1)
         else:
             # No copy answered: the request ends as its primary copy did (the LLM the policy
             # chose first and, if rejected, why), not as whichever copy ended last.
@@ -664,8 +681,8 @@ class Simulation:
             cols["reject_reason"][rid] = job.reject_reason
         arr = self._arr_l[rid]
         if outcome == COMPLETED:
-            if wait is not None:
-                self._wait[rid] = wait
+            if wait is not None:  # a fan-out's kept copy; earlier rounds' waits are in already
+                self._wait[rid] += wait
             cols["start_s"][rid] = job.start_s
             cols["service_s"][rid] = job.service_s
             cols["ttft_s"][rid] = job.start_s + job.ttft_s - arr
@@ -760,8 +777,8 @@ class Simulation:
             if p.price_out_per_mtok is not None:
                 d.price_out = p.price_out_per_mtok
             cl.refresh_prices(d)
-            # An absent deployment is unknown to the policy; it learns the new prices from
-            # on_llm_added's LLMInfo if the deployment joins later.
+            # Validation only accepts a price change for a deployment present at its time;
+            # the guard keeps an absent one (unknown to the policy) out of its hooks anyway.
             if d.present:
                 self._hook(
                     "on_price_changed",
@@ -804,10 +821,20 @@ class Simulation:
     # -------------------------------------------------------------------------- results
     def _result(self, end_s: float) -> RunResult:
         wait = self._wait
-        for d in self.cluster.deployments:  # in flight while queued: count the wait so far
+        # In flight at the end: the current round's wait so far; a fan-out's copies queue at
+        # the same time, so its round counts its longest-waiting copy once.
+        waiting: dict[int, float] = {}
+        for d in self.cluster.deployments:
             for job in d.queue:
                 if job.state == QUEUED:
-                    wait[job.rid] += end_s - job.enq_s
+                    waiting[job.rid] = max(waiting.get(job.rid, 0.0), end_s - job.enq_s)
+        for rid, tk in self._topk.items():
+            if tk.finished:  # delivered: later copies are not the user's wait
+                waiting.pop(rid, None)
+            elif tk.waits:
+                waiting[rid] = max(waiting.get(rid, 0.0), *tk.waits)
+        for rid, w in waiting.items():
+            wait[rid] += w
         self.rec.cols["wait_s"][:] = wait
         self.rec.cols["attempts"][:] = self._attempts
         requests = self.rec.frame()

@@ -41,7 +41,9 @@ REQUEST_COLUMNS: dict[str, tuple[str, float | int]] = {
     "retries": ("i2", 0),  # re-offers after an outage failure
     "start_s": ("f8", np.nan),  # service start of the kept answer
     "end_s": ("f8", np.nan),  # completion, rejection, abandonment or failure time
-    "wait_s": ("f8", np.nan),  # arrival -> service start of the kept answer (all queueing)
+    # Time queued, summed over the request's routing rounds (a fan-out round counts its
+    # longest-queued copy once); service lost in an outage is not waiting.
+    "wait_s": ("f8", np.nan),
     "ttft_s": ("f8", np.nan),  # arrival -> first token of the kept answer
     "service_s": ("f8", np.nan),
     "latency_s": ("f8", np.nan),  # arrival -> last token

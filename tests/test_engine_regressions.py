@@ -186,3 +186,138 @@ def test_malformed_decisions_are_named(bad):
     field = "decision.keep" if "keep" in bad else "decision.scores"
     with pytest.raises(RouteSimError, match=field):
         run(sc, Bad())
+
+
+# ------------------------------------------ requests with several jobs (fourth review pass)
+DET_1S = {"kind": "deterministic", "mean_s": 1.0}
+
+
+def traced(tmp_path, times, **kw):
+    """A scenario whose requests arrive at `times` (a trace), LLMs all on gpt-4's answers."""
+    path = tmp_path / "arrivals.csv"
+    path.write_text("t\n" + "".join(f"{t}\n" for t in times))
+    data = {
+        "arrivals": {"kind": "trace", "path": str(path)},
+        "duration_s": 10.0,
+        "workload": {"source": "synthetic", "reference_llm": "A", "n_queries": 50},
+        "feedback": {"probability": 0.0},
+    }
+    data.update(kw)
+    return scenario(**data)
+
+
+class Scripted(BasePolicy):
+    """Routes request i by `plan[i]` (first decision) and `retry` (later rounds)."""
+
+    name = "scripted_test"
+
+    def __init__(self, plan, retry=None, escalate=None):
+        super().__init__()
+        self.plan, self.retry, self.escalate = plan, retry, escalate
+        self.feedback_seen_at = {}  # request id -> feedback items received before it
+        self.received = []
+
+    def route(self, query, view):
+        if query.attempt == 0:
+            self.feedback_seen_at[query.id] = len(self.received)
+            return self.plan[query.id]
+        return self.retry
+
+    def on_answer(self, query, answer, view):
+        return self.escalate if query.id == 1 and query.attempt == 1 else None
+
+    def feedback(self, fb):
+        self.received.append(fb)
+
+
+def test_fan_out_with_a_copy_abandoned_ends_abandoned_when_it_happened(tmp_path):
+    # Request 1 fans out to A and B. A fails in an outage at 1.0; B's copy waits behind
+    # request 0 and its user gives up at 2.1. Before, the abandonment (noticed at the next
+    # arrival, 5.0) triggered a retry routed and started at 2.1, in the past.
+    sc = traced(
+        tmp_path, [0.0, 0.1, 5.0],
+        llms=[llm("A", model="gpt-4", slots=1, service=DET_1S),
+              llm("B", model="gpt-4", slots=1, service={"kind": "deterministic", "mean_s": 10})],
+        events=[{"at_s": 1.0, "outage": {"llm": "A", "duration_s": 0.5}}],
+        users={"patience_s": {"kind": "deterministic", "mean": 2.0}},
+        run={"drain_s": None, "max_retries": 2},
+    )
+    plan = [Decision("B"), Decision("A", extra=("B",)), Decision("A")]
+    req = run(sc, Scripted(plan, retry=Decision("A"))).requests
+    r1 = req.row(1, named=True)
+    assert (r1["outcome"], r1["retries"], r1["end_s"]) == ("abandoned", 0, pytest.approx(2.1))
+    r2 = req.row(2, named=True)
+    assert (r2["start_s"], r2["wait_s"]) == (5.0, 0.0)  # A was free: nothing started late
+
+
+def test_feedback_of_an_abandoned_escalation_reaches_the_next_decision(tmp_path):
+    # Request 1's answer from A (done at 0.6) is escalated to B, busy with request 0; the
+    # user gives up at 1.6 and keeps A's answer, whose feedback is due at 1.61. The decision
+    # at 5.0 must have it: before, feedback was handed over before queues were expired.
+    sc = traced(
+        tmp_path, [0.0, 0.1, 5.0],
+        llms=[llm("A", model="gpt-4", slots=1, service={"kind": "deterministic", "mean_s": 0.5}),
+              llm("B", model="gpt-4", slots=1, service={"kind": "deterministic", "mean_s": 100})],
+        users={"patience_s": {"kind": "deterministic", "mean": 1.0}},
+        feedback={"probability": 1.0, "delay_s": {"kind": "deterministic", "mean": 0.01}},
+        run={"drain_s": 0.0},
+    )
+    pol = Scripted([Decision("B"), Decision("A"), Decision("A")], escalate=Decision("B"))
+    req = run(sc, pol).requests
+    assert req.row(1, named=True)["feedback_s"] == pytest.approx(1.61)
+    assert pol.feedback_seen_at[2] == 1
+
+
+def test_requests_are_billed_at_the_prices_they_were_routed_at(tmp_path):
+    # Request 1 arrives at 0.5 and queues behind request 0; gpt-4's price rises tenfold at
+    # 0.8, before it starts. Its reference cost is priced at arrival, so an always-reference
+    # router must cost 100% of the reference (before: 375.6%, billed at service start).
+    sc = traced(
+        tmp_path, [0.0, 0.5, 5.0],
+        llms=[llm("A", model="gpt-4", slots=1, service=DET_1S)],
+        events=[{"at_s": 0.8, "price_change": {"llm": "A", "price_in_per_mtok": 100.0,
+                                               "price_out_per_mtok": 300.0}}],
+        run={"drain_s": None},
+    )
+    res = run(sc, Always("A"))
+    req = res.requests
+    assert req["start_s"].to_list() == [0.0, 1.0, 5.0]
+    np.testing.assert_allclose(req["cost_usd"].to_numpy(), req["ref_cost_usd"].to_numpy())
+    s = summarize(req, res.timeline, sc, "always", sc.seed)
+    assert s["cost_pct_of_reference"] == pytest.approx(100.0)
+
+
+@pytest.mark.parametrize("fan_out", [False, True])
+def test_a_retried_request_keeps_the_wait_of_its_first_round(tmp_path, fan_out):
+    # Request 2 queues 0.9 s at A (and B, fanned out) behind requests 0 and 1, starts at
+    # 1.0, fails in the outage at 1.5 and is retried on C (and D) with no wait. Its wait is
+    # 0.9 s either way; before, the fan-out's retry overwrote it with the last round's 0.
+    sc = traced(
+        tmp_path, [0.0, 0.0, 0.1],
+        llms=[llm(n, model="gpt-4", slots=1, service=DET_1S) for n in "ABCD"],
+        events=[{"at_s": 1.5, "outage": {"llm": "A", "duration_s": 0.1}},
+                {"at_s": 1.5, "outage": {"llm": "B", "duration_s": 0.1}}],
+        run={"drain_s": None, "max_retries": 1},
+    )
+    extra = ("B",) if fan_out else ()
+    retry = Decision("C", extra=("D",) if fan_out else ())
+    plan = [Decision("A"), Decision("B"), Decision("A", extra=extra)]
+    r2 = run(sc, Scripted(plan, retry=retry)).requests.row(2, named=True)
+    assert (r2["outcome"], r2["retries"], r2["start_s"]) == ("completed", 1, 1.5)
+    assert r2["wait_s"] == pytest.approx(0.9)
+
+
+def test_an_in_flight_fan_out_waits_as_long_as_its_longest_copy(tmp_path):
+    # Both copies of request 2 queue from 0.1 until the run ends at 10: 9.9 s, not the
+    # 19.8 s of the two copies summed.
+    slow = {"kind": "deterministic", "mean_s": 100.0}
+    sc = traced(
+        tmp_path, [0.0, 0.0, 0.1], duration_s=1.0,
+        llms=[llm(n, model="gpt-4", slots=1, service=slow) for n in "AB"],
+        run={"drain_s": 9.0},
+    )
+    plan = [Decision("A"), Decision("B"), Decision("A", extra=("B",))]
+    res = run(sc, Scripted(plan))
+    r2 = res.requests.row(2, named=True)
+    assert r2["outcome"] == "in_flight" and res.end_s == 10.0
+    assert r2["wait_s"] == pytest.approx(9.9)

@@ -3,8 +3,8 @@
 Tolerance: R independent replications (separate seeds) each give a mean wait W_r; their
 sample mean has standard error s/sqrt(R) (replication means are independent, so the usual
 autocorrelation of waits within one run does not bias the error). The theoretical mean must
-lie within 4.5 standard errors (t with R-1 = 11 dof: two-sided p ~ 0.001), plus the small
-bias of starting empty, which the warm-up removes.
+lie within 4.5 standard errors (t with R-1 = 11 dof: two-sided p ~ 0.001). No allowance is
+added for the bias of starting empty: the warm-up removes it.
 """
 
 from __future__ import annotations
