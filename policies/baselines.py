@@ -1,8 +1,9 @@
 """Baselines that need no learning: random, round_robin, cheapest, strongest, least_loaded.
 
 Each picks among deployments that would accept the request now (`ClusterView.accepting`);
-when none accepts, it still answers (the engine then records a rejection), because a router
-that silently drops traffic would look better than it is.
+when none accepts, it still answers among those that are up (the engine then records a
+rejection for load, not for an outage), because a router that silently drops traffic would
+look better than it is.
 """
 
 from __future__ import annotations
@@ -13,15 +14,13 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from policies.base import BasePolicy
+from policies.quality_model import available
 from policies.registry import register
 from sim.types import ClusterView, Decision, PolicyContext, Query
 
 
 def _candidates(view: ClusterView) -> np.ndarray:
-    ok = np.flatnonzero(view.accepting)
-    return (
-        ok if ok.size else np.flatnonzero(view.up) if view.up.any() else np.arange(len(view.names))
-    )
+    return np.flatnonzero(available(view))
 
 
 @register
@@ -76,7 +75,7 @@ class CheapestPolicy(BasePolicy):
     def route(self, query: Query, view: ClusterView) -> Decision:
         w = self.params.output_share
         price = (1 - w) * view.price_in_per_mtok + w * view.price_out_per_mtok
-        price = np.where(view.accepting, price, np.inf)
+        price = np.where(available(view), price, np.inf)
         return Decision(view.names[int(np.argmin(price))], scores=-price)
 
 
@@ -95,7 +94,7 @@ class StrongestPolicy(BasePolicy):
 
     def route(self, query: Query, view: ClusterView) -> Decision:
         q = self.mean_quality[view.model_cols]
-        s = np.where(view.accepting, q, -np.inf)
+        s = np.where(available(view), q, -np.inf)
         return Decision(view.names[int(np.argmax(s))], scores=q)
 
 
@@ -107,5 +106,5 @@ class LeastLoadedPolicy(BasePolicy):
 
     def route(self, query: Query, view: ClusterView) -> Decision:
         s = view.est_wait_s + 1e-6 * view.load
-        s[~view.accepting] = np.inf
+        s[~available(view)] = np.inf
         return Decision(view.names[int(s.argmin())], scores=-view.est_wait_s)

@@ -64,12 +64,19 @@ ACCEPT_GRID: tuple[float, ...] = (
 _GOOD = 0.5  # quality at or above this counts as a good answer
 
 
+def _accepts(p_good, tau: float):
+    """Whether an answer with acceptance probability `p_good` is kept before the last rung.
+    tau 1 keeps none: a calibration that saw a model right on every training row says
+    p = 1.0 exactly (the logistic saturates), which would otherwise pass."""
+    return (p_good >= tau) & (tau < 1.0)
+
+
 class CascadeParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     accept_threshold: float | None = Field(default=None, ge=0, le=1)  # None: on validation
     chain: tuple[str, ...] | None = None  # deployment names, cheapest first; None: learned
-    max_chain: int = Field(default=3, ge=1)
+    max_chain: int = Field(default=3, ge=2)  # a chain of one LLM is no cascade
     # None: the scenario's judge.noise (PolicyContext.judge); set it to calibrate for
     # a judge believed to be sharper or blunter than it is.
     judge_noise: float | None = Field(default=None, ge=0, le=1)
@@ -176,7 +183,7 @@ class CascadeRouter(LearnedRouter):
         for r, j in enumerate(chain_idx):
             active = ~done
             c_sum += float(cost[active, j].sum())
-            accept = active if r == len(chain_idx) - 1 else active & (p_good[:, j] >= tau)
+            accept = active if r == len(chain_idx) - 1 else active & _accepts(p_good[:, j], tau)
             q_sum += float(quality[accept, j].sum())
             done |= accept
         return truth.pct(q_sum, c_sum)
@@ -236,7 +243,7 @@ class CascadeRouter(LearnedRouter):
         rung = self.chain.index(answer.llm)
         col = self.llms[answer.llm].model_col
         p = float(self._p_good(col, answer.judge_score, self.q_hat[query.row, col]))
-        if p >= self.tradeoff_value:
+        if _accepts(p, self.tradeoff_value):
             return None
         ok = available(view)
         for name in self.chain[rung + 1 :]:

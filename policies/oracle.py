@@ -5,25 +5,25 @@ from __future__ import annotations
 from typing import ClassVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
 from policies.base import BasePolicy
+from policies.quality_model import available
 from policies.registry import register
 from sim.types import ClusterView, Decision, PolicyContext, Query
 
 
 class OracleParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    min_quality: float = Field(
-        0.5, ge=0, le=1, description="an answer counts as good at or above this quality"
-    )
 
 
 @register
 class OraclePolicy(BasePolicy):
-    """Per query the cheapest accepting deployment whose answer is good; if none is, the
-    cheapest. It reads ground truth (quality and output tokens), so it bounds every router
-    from above on quality per dollar (RouterBench's oracle)."""
+    """Per query the accepting deployment whose answer is best, the cheapest among equals.
+    With right/wrong answers that is RouterBench's oracle (the cheapest right answer, else
+    the cheapest). It reads ground truth (quality and output tokens), so no router gets more
+    quality out of a query; with graded answers too (a "cheapest answer above a bar" rule
+    would not be: a router paying for the better answer beats it)."""
 
     name = "oracle"
     label = "upper bound"
@@ -45,9 +45,7 @@ class OraclePolicy(BasePolicy):
             query.input_tokens * view.price_in_per_mtok
             + self.out_tokens[query.row, cols] * view.price_out_per_mtok
         )
-        good = (q >= self.params.min_quality) & view.accepting
-        pool = good if good.any() else view.accepting
-        if not pool.any():
-            pool = view.up if view.up.any() else np.ones(len(cols), dtype=bool)
-        key = np.where(pool, cost, np.inf)
+        pool = available(view)
+        best = pool & (q >= np.max(np.where(pool, q, -np.inf)))
+        key = np.where(best, cost, np.inf)
         return Decision(view.names[int(np.argmin(key))], scores=q)

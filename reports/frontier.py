@@ -229,7 +229,8 @@ def _truth(workload, llms, reference, rows):
 
 def _direct_oracle(workload, llms, reference, rows) -> dict[str, Any]:
     """Oracle from ground truth when no `oracle` policy is registered: per query the
-    cheapest LLM with the best quality (the cheapest correct one, else the cheapest)."""
+    cheapest LLM with the best quality (right/wrong answers: the cheapest right one, else the
+    cheapest)."""
     q, c, ref_q, ref_c = _truth(workload, llms, reference, rows)
     best = q >= q.max(axis=1, keepdims=True)
     pick = np.argmin(np.where(best, c, np.inf), axis=1)
@@ -256,7 +257,8 @@ def oracle_frontier(workload, llms, reference, rows) -> list[dict[str, Any]]:
     steps along each query's own non-decreasing hull in order of decreasing marginal
     quality per dollar. The vertices bound every router at every cost, and their AIQ bounds
     every router's AIQ. `knob_value` is the marginal quality % per cost % of the step
-    ending at that vertex; the last vertex is the cheapest-correct `oracle` point."""
+    ending at that vertex; the last vertex is the `oracle` point (per query the best answer,
+    the cheapest among equals)."""
     q, c, ref_q, ref_c = _truth(workload, llms, reference, rows)
     base_q = base_c = 0.0
     dq: list[np.ndarray] = []

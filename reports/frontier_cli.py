@@ -102,7 +102,11 @@ def register(app: typer.Typer) -> None:
             with console.status(f"loading workload of {sc.name}"):
                 wl = build_workload(sc, s)
             llms = [llm_info(x, wl, field=f"llms.{i}") for i, x in enumerate(sc.llms)]
-            ref = next(x for x in llms if x.name == sc.workload.reference_llm)
+            ref_name = sc.workload.reference_llm
+            if ref_name not in {x.name for x in llms}:
+                # It joins later (an add_llm event); the % units need it as a point.
+                llms.append(llm_info(sc.llm(ref_name), wl, field="workload.reference_llm"))
+            ref = next(x for x in llms if x.name == ref_name)
             with console.status(f"sweeping {', '.join(names)}"):
                 res = frontier_table(wl, llms, ref, names, seed=s, judge=sc.judge)
         except RouteSimError as exc:

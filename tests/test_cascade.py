@@ -210,3 +210,23 @@ def test_a_price_change_re_learns_the_chain(wl):
     assert "small" not in pol.chain
     prices = {x.name: x.price_out_per_mtok for x in pol.llms.values()}
     assert [prices[n] for n in pol.chain] == sorted(prices[n] for n in pol.chain)
+
+
+def test_threshold_one_runs_the_whole_chain_even_for_a_model_never_wrong_in_training(wl):
+    import dataclasses
+
+    from sim.errors import PolicyError
+    from sim.types import SPLIT_TRAIN, SPLIT_VALID
+
+    # `mid` right on every training and validation row: its calibration saturates at
+    # p = 1.0 exactly, which used to pass p >= 1 and stop the chain at the first rung.
+    q = wl.quality.copy()
+    q[np.isin(wl.split, [SPLIT_TRAIN, SPLIT_VALID]), 1] = 1.0
+    wl2 = dataclasses.replace(wl, quality=q)
+    pol = registry.create("cascade", {"chain": ["mid", "large"], "accept_threshold": 1.0})
+    pol.setup(context(wl2, llm_infos()))
+    assert pol._p_good(1, np.array([0.0]), np.array([0.0]))[0] == 1.0
+    assert (_offline(pol, wl2).attempts == 2).all()
+    # A chain of one LLM is no cascade: refused up front, not a crash in setup.
+    with pytest.raises(PolicyError, match="max_chain"):
+        registry.create("cascade", {"max_chain": 1})

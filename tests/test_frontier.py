@@ -83,7 +83,7 @@ def test_oracle_bounds_everyone_and_routers_beat_random(result):
     others = pts.filter(pl.col("kind") != "oracle")
     assert (others["quality_pct"] <= oracle["quality_pct"] + 1e-9).all()
     # The oracle frontier's hull lies on or above every other point at that point's cost
-    # (its grid of cost weights can miss a vertex by a hair: 1e-6 points of slack).
+    # (exact; 1e-6 points of slack for the rounding of sums in a different order).
     curve = pts.filter(pl.col("policy") == "oracle_frontier")
     cc, cq = curve["cost_pct"].to_numpy(), curve["quality_pct"].to_numpy()
     for c, q in others.select("cost_pct", "quality_pct").iter_rows():
@@ -106,6 +106,27 @@ def test_direct_oracle_matches_the_registered_one(wl, result):
     reg = result.points.filter(pl.col("kind") == "oracle").row(0, named=True)
     assert direct["quality_pct"] == pytest.approx(reg["quality_pct"])
     assert direct["cost_pct"] == pytest.approx(reg["cost_pct"])
+
+
+def test_oracle_bounds_everyone_with_graded_answers_too(wl):
+    # Scores in [0, 1] instead of right/wrong: "cheapest answer of at least 0.5" would give
+    # up the 0.92 answers for 0.85 ones, and a router paying for them beat it.
+    x = wl.features
+    graded = np.column_stack([np.where(x[:, 0] > 0, 0.90, 0.15),
+                              np.where(x[:, 1] > 0, 0.85, 0.35),
+                              np.full(wl.n, 0.92)]).astype(np.float32)
+    wl2 = dataclasses.replace(wl, quality=graded)
+    llms = llm_infos()
+    pts = frontier_table(wl2, llms, reference(llms), ["knn"], params=FAST).points
+    oracle = pts.filter(pl.col("policy") == "oracle").row(0, named=True)
+    assert (pts.filter(pl.col("kind") != "oracle")["quality_pct"]
+            <= oracle["quality_pct"] + 1e-9).all()
+    assert oracle["quality_pct"] > 100.0  # better than the best LLM alone (large, 0.92)
+    top = pts.filter(pl.col("policy") == "oracle_frontier").sort("quality_pct").row(-1, named=True)
+    assert top["quality_pct"] == pytest.approx(oracle["quality_pct"])
+    direct = _direct_oracle(wl2, llms, reference(llms), wl2.rows(SPLIT_TEST))
+    assert direct["quality_pct"] == pytest.approx(oracle["quality_pct"])
+    assert direct["cost_pct"] == pytest.approx(oracle["cost_pct"])
 
 
 def test_aiq_is_over_the_single_llms_cost_range_whatever_else_is_compared(result):
