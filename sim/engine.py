@@ -7,9 +7,10 @@ A job that fails in an outage is re-offered to the policy up to `run.max_retries
 queued jobs of a removed deployment are re-offered (not counted as retries).
 Every request ends in exactly one recorded outcome; a rejection also records why
 (`reject_reason`: down, rate_limited, queue_full or removed). An LLM call is billed at the
-list prices in force when it was routed (what the policy decided on, and what the request's
-reference cost uses), even if a price change comes while it queues.
-A fan-out round with a copy whose user gave up is not retried: the request is abandoned.
+list prices in force when it was routed (what the policy decided on; for a request's first
+call, also the prices of its reference cost), even if a price change comes while it queues.
+A fan-out round in which no copy was served and a copy's user gave up is not retried: the
+request is abandoned then.
 
 Two exact shortcuts keep the event loop lean (one SimPy event per arrival and one per
 service): abandonment and feedback delivery are evaluated lazily. A queued job whose
@@ -167,6 +168,7 @@ class _TopK:
     waits: list  # queueing time of each copy that started or gave up
     failed: bool = False
     abandoned: tuple | None = None  # (time, job) of the first copy whose user gave up
+    served: bool = False  # a copy started service (the user was not left waiting)
     # Latest end among the copies: an abandonment is noticed lazily and recorded at its
     # deadline, which can precede a copy that completed before it was noticed.
     end_s: float = -math.inf
@@ -427,7 +429,8 @@ class Simulation:
             )
         self._attempts[rid] += 1
         # Patience is spent only while queued: a re-offered request keeps what is left.
-        left = self._patience_l[rid] - (0.0 if rid in self._topk else self._wait[rid])
+        # (A fan-out's copies add their waits to the round, not to _wait, until it ends.)
+        left = self._patience_l[rid] - self._wait[rid]
         job = Job(rid, d, now, now + max(0.0, left), answer == 0)
         if rnd or answer:
             job.round = rnd
@@ -583,6 +586,7 @@ class Simulation:
         "best_realised" it waits for every copy."""
         rid = job.rid
         tk.end_s = max(tk.end_s, t)
+        tk.served |= not math.isnan(job.start_s)
         if outcome == COMPLETED:
             tk.results.append((float(self._quality[self._rows_l[rid], job.dep.col]), job))
             if job.primary and tk.keep == "primary" and not tk.finished:
@@ -591,6 +595,11 @@ class Simulation:
                              wait=job.start_s - job.enq_s)
         elif outcome == FAILED:
             tk.failed = True
+            if tk.pending > 1 and t < job.deadline < math.inf:
+                # The round's other copies share this deadline; if they are still queued
+                # then, the retry must be offered at it, not when the lazy expiry notices.
+                wake = self.env.timeout(job.deadline - t)
+                wake.callbacks.append(self._wake)
         elif outcome == ABANDONED and tk.abandoned is None:
             tk.abandoned = (t, job)
         if job.primary:
@@ -612,26 +621,43 @@ class Simulation:
                 qual, kept = max(
                     tk.results, key=lambda p: (self._judge_score(p[1], p[0]), -p[1].answer)
                 )
-                self.rec.cols["cost_usd"][rid] += sum(self._judge_cost(j) for _, j in tk.results)
+                if len(tk.results) > 1:  # one answer left is kept unjudged
+                    self.rec.cols["cost_usd"][rid] += sum(
+                        self._judge_cost(j) for _, j in tk.results
+                    )
             else:  # the primary failed or gave up: deliver the first other answer
                 qual, kept = tk.results[0]
-            self._finish(rid, COMPLETED, tk.end_s, kept, qual, wait=kept.start_s - kept.enq_s)
+            # The user waited for every copy: the round's wait is its longest queueing.
+            self._wait[rid] += max(tk.waits, default=0.0)
+            self._finish(rid, COMPLETED, tk.end_s, kept, qual)
             return
         self._wait[rid] += max(tk.waits, default=0.0)  # the round's copies queued at once
         cols = self.rec.cols
-        if tk.abandoned is not None:
-            # The user gave up waiting (copies of a round share one deadline), so nothing is
-            # retried; noticed lazily, the abandonment is recorded when it happened.
+        answered = self._answered.pop(rid, None)  # an earlier answer in hand (escalations)
+        if tk.abandoned is not None and not tk.served:
+            # The user gave up waiting before any copy was served (the round's copies share
+            # one deadline), so nothing is retried; noticed lazily, the end is recorded when
+            # it happened.
             t_gone, gone = tk.abandoned
-            self._finish(rid, ABANDONED, t_gone, gone)
+            if answered is not None:
+                self._finish(rid, COMPLETED, t_gone, answered[1], answered[0])
+            else:
+                self._finish(rid, ABANDONED, t_gone, gone)
         elif tk.failed and cols["retries"][rid] < self.sc.run.max_retries:
+            if answered is not None:
+                self._answered[rid] = answered
             cols["retries"][rid] += 1
             self._offer(rid, self._attempts[rid], self.env.now, job.round + 1)
+        elif answered is not None:
+            self._finish(rid, COMPLETED, tk.end_s, answered[1], answered[0])
         else:
             # No copy answered: the request ends as its primary copy did (the LLM the policy
             # chose first and, if rejected, why), not as whichever copy ended last.
             outcome, job = tk.primary_end or (outcome, job)
-            self._finish(rid, outcome, t, job)
+            self._finish(rid, outcome, tk.end_s, job)
+
+    def _wake(self, _ev) -> None:
+        self._observe(self.env.now)
 
     def _add_wait(self, job: Job, dt: float) -> None:
         tk = self._topk.get(job.rid)
@@ -674,6 +700,7 @@ class Simulation:
     ) -> None:
         cols = self.rec.cols
         self._in_system -= 1
+        self._answered.pop(rid, None)  # an answer in hand is delivered or superseded now
         cols["outcome"][rid] = outcome
         cols["end_s"][rid] = t
         cols["llm"][rid] = job.dep.idx

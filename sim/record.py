@@ -34,15 +34,19 @@ REQUEST_COLUMNS: dict[str, tuple[str, float | int]] = {
     "row": ("i4", -1),  # workload row (the query)
     "task": ("i2", -1),
     "input_tokens": ("i4", 0),
-    "llm": ("i2", -1),  # index into the run's LLM names; the deployment whose answer was kept
+    # Index into the run's LLM names: the deployment whose answer was kept; for a request
+    # not completed, where its last call ended (a fan-out: its primary copy's, or the
+    # deployment where its user gave up).
+    "llm": ("i2", -1),
     "outcome": ("i1", IN_FLIGHT),
     "reject_reason": ("i1", -1),  # one of REJECT_REASONS when rejected; null otherwise
     "attempts": ("i2", 0),  # LLM calls made (retries, escalations, top-k fan-out)
     "retries": ("i2", 0),  # re-offers after an outage failure
     "start_s": ("f8", np.nan),  # service start of the kept answer
     "end_s": ("f8", np.nan),  # completion, rejection, abandonment or failure time
-    # Time queued, summed over the request's routing rounds (a fan-out round counts its
-    # longest-queued copy once); service lost in an outage is not waiting.
+    # Time queued, summed over the request's routing rounds; service lost in an outage is
+    # not waiting. A fan-out round counts its longest-queued copy once (the user waits for
+    # every copy), except a keep="primary" round answered by its primary: that copy's wait.
     "wait_s": ("f8", np.nan),
     "ttft_s": ("f8", np.nan),  # arrival -> first token of the kept answer
     "service_s": ("f8", np.nan),

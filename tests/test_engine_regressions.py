@@ -230,10 +230,12 @@ class Scripted(BasePolicy):
         self.received.append(fb)
 
 
-def test_fan_out_with_a_copy_abandoned_ends_abandoned_when_it_happened(tmp_path):
-    # Request 1 fans out to A and B. A fails in an outage at 1.0; B's copy waits behind
-    # request 0 and its user gives up at 2.1. Before, the abandonment (noticed at the next
-    # arrival, 5.0) triggered a retry routed and started at 2.1, in the past.
+def test_fan_out_retry_after_an_outage_is_offered_when_the_last_copy_gives_up(tmp_path):
+    # Request 1 fans out to A and B. A serves it from 0.1 and fails in the outage at 1.0
+    # (A is back at 1.5); B's copy waits behind request 0 until its user's patience ends at
+    # 2.1. A copy was served, so the user did not leave: the request is retried, at 2.1.
+    # Before, the retry was noticed only at the next arrival (5.0) and started at 2.1 in
+    # the past; an intermediate fix ended it abandoned.
     sc = traced(
         tmp_path, [0.0, 0.1, 5.0],
         llms=[llm("A", model="gpt-4", slots=1, service=DET_1S),
@@ -245,9 +247,27 @@ def test_fan_out_with_a_copy_abandoned_ends_abandoned_when_it_happened(tmp_path)
     plan = [Decision("B"), Decision("A", extra=("B",)), Decision("A")]
     req = run(sc, Scripted(plan, retry=Decision("A"))).requests
     r1 = req.row(1, named=True)
-    assert (r1["outcome"], r1["retries"], r1["end_s"]) == ("abandoned", 0, pytest.approx(2.1))
+    assert (r1["outcome"], r1["retries"]) == ("completed", 1)
+    assert r1["start_s"] == pytest.approx(2.1) and r1["end_s"] == pytest.approx(3.1)
+    assert r1["wait_s"] == pytest.approx(2.0)  # the round's longest-queued copy, B's
     r2 = req.row(2, named=True)
-    assert (r2["start_s"], r2["wait_s"]) == (5.0, 0.0)  # A was free: nothing started late
+    assert (r2["start_s"], r2["wait_s"]) == (5.0, 0.0)
+
+
+def test_fan_out_whose_copies_all_gave_up_is_abandoned_at_their_deadline(tmp_path):
+    # Both copies of request 2 queue behind requests 0 and 1 and give up at 2.1 (noticed at
+    # the arrival at 5.0): abandoned when it happened, on the primary copy's deployment.
+    slow = {"kind": "deterministic", "mean_s": 10}
+    sc = traced(
+        tmp_path, [0.0, 0.0, 0.1, 5.0],
+        llms=[llm(n, model="gpt-4", slots=1, service=slow) for n in "AB"],
+        users={"patience_s": {"kind": "deterministic", "mean": 2.0}},
+        run={"drain_s": None, "max_retries": 2},
+    )
+    plan = [Decision("A"), Decision("B"), Decision("A", extra=("B",)), Decision("A")]
+    r2 = run(sc, Scripted(plan, retry=Decision("A"))).requests.row(2, named=True)
+    assert (r2["outcome"], r2["retries"], r2["llm"]) == ("abandoned", 0, "A")
+    assert r2["end_s"] == pytest.approx(2.1) and r2["wait_s"] == pytest.approx(2.0)
 
 
 def test_feedback_of_an_abandoned_escalation_reaches_the_next_decision(tmp_path):
@@ -271,7 +291,8 @@ def test_feedback_of_an_abandoned_escalation_reaches_the_next_decision(tmp_path)
 def test_requests_are_billed_at_the_prices_they_were_routed_at(tmp_path):
     # Request 1 arrives at 0.5 and queues behind request 0; gpt-4's price rises tenfold at
     # 0.8, before it starts. Its reference cost is priced at arrival, so an always-reference
-    # router must cost 100% of the reference (before: 375.6%, billed at service start).
+    # router must cost 100% of the reference (before: 375.6%, billed at service start). (No
+    # retries here: a retry is a new call, billed at the prices when it is routed.)
     sc = traced(
         tmp_path, [0.0, 0.5, 5.0],
         llms=[llm("A", model="gpt-4", slots=1, service=DET_1S)],
@@ -321,3 +342,92 @@ def test_an_in_flight_fan_out_waits_as_long_as_its_longest_copy(tmp_path):
     r2 = res.requests.row(2, named=True)
     assert r2["outcome"] == "in_flight" and res.end_s == 10.0
     assert r2["wait_s"] == pytest.approx(9.9)
+
+
+def _det(mean_s: float) -> dict:
+    return {"kind": "deterministic", "mean_s": mean_s}
+
+
+@pytest.mark.parametrize("fan_out", [False, True])
+def test_a_retry_keeps_only_the_patience_left(tmp_path, fan_out):
+    # Request 4 queues 0.9 s at A (and B) behind requests 0 and 1, is served from 1.0 and
+    # fails at 1.5; its retry on C (and D) queues behind requests 2 and 3 with 2.0 - 0.9 =
+    # 1.1 s of patience left, so it gives up at 2.6 having waited 2.0 s in all. Before, a
+    # fan-out's retry got the full 2.0 s again (wait 2.9 s, beyond the user's patience).
+    sc = traced(
+        tmp_path, [0.0, 0.0, 0.0, 0.0, 0.1],
+        llms=[llm(n, model="gpt-4", slots=1, service=_det(1.0 if n in "AB" else 50.0))
+              for n in "ABCD"],
+        events=[{"at_s": 1.5, "outage": {"llm": "A", "duration_s": 0.1}},
+                {"at_s": 1.5, "outage": {"llm": "B", "duration_s": 0.1}}],
+        users={"patience_s": {"kind": "deterministic", "mean": 2.0}},
+        run={"drain_s": None, "max_retries": 1},
+    )
+    extra = ("B",) if fan_out else ()
+    plan = [Decision(n) for n in "ABCD"] + [Decision("A", extra=extra)]
+    retry = Decision("C", extra=("D",) if fan_out else ())
+    r4 = run(sc, Scripted(plan, retry=retry)).requests.row(4, named=True)
+    assert (r4["outcome"], r4["retries"]) == ("abandoned", 1)
+    assert r4["end_s"] == pytest.approx(2.6) and r4["wait_s"] == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("keep", ["best_realised", "best_judged"])
+def test_a_fan_out_waits_as_long_as_its_longest_copy_completed_or_not(tmp_path, keep):
+    # Request 1's copy on A starts at once; its copy on B queues behind request 0 until 3.0.
+    # The user waits for both: 2.9 s, whether the run sees it complete (at 6.0) or ends
+    # while it is in flight (at 5.0). Before, a completed one counted only the kept copy's
+    # wait (A's, 0).
+    def requests(**kw):
+        sc = traced(
+            tmp_path, [0.0, 0.1],
+            llms=[llm("A", model="gpt-4", slots=1, service=_det(1.0)),
+                  llm("B", model="gpt-4", slots=1, service=_det(3.0))],
+            judge={"noise": 0.0}, **kw,
+        )
+        return run(sc, Scripted([Decision("B"), Decision("A", extra=("B",), keep=keep)]))
+
+    done = requests(run={"drain_s": None}).requests.row(1, named=True)
+    cut = requests(duration_s=1.0, run={"drain_s": 4.0}).requests.row(1, named=True)
+    assert (done["outcome"], done["end_s"]) == ("completed", 6.0)
+    assert cut["outcome"] == "in_flight"
+    assert done["wait_s"] == pytest.approx(2.9) and cut["wait_s"] == pytest.approx(2.9)
+
+
+def test_a_lone_answer_of_a_best_judged_fan_out_is_not_judged(tmp_path):
+    # The extra copy goes to B, which is down: A's is the only answer, kept unjudged, so the
+    # request costs what A's answer costs (as in the offline evaluator). Before, the engine
+    # billed the judge ($0.01) for it.
+    costs = []
+    for extra in ((), ("B",)):
+        sc = traced(
+            tmp_path, [0.5],
+            llms=[llm(n, model="gpt-4", slots=1, service=_det(1.0)) for n in "AB"],
+            events=[{"at_s": 0.0, "outage": {"llm": "B", "duration_s": 5.0}}],
+            judge={"noise": 0.0, "cost_usd": 0.01},
+            run={"drain_s": None},
+        )
+        # (Always: no on_answer, so a single answer is not sent to the judge for a cascade.)
+        res = run(sc, Always("A", extra=extra, keep="best_judged"))
+        costs.append(res.requests.row(0, named=True)["cost_usd"])
+    assert costs[1] == pytest.approx(costs[0])
+
+
+def test_an_escalated_answer_in_hand_survives_a_fan_out_retry_that_gives_up(tmp_path):
+    # Request 1: A answers at 0.6 and it is escalated to B, which fails in the outage at 1.0;
+    # the retry fans out to C and D, both busy, and the user gives up. A's answer was paid
+    # for and is in hand: the request completes with it, as a single-copy retry does.
+    sc = traced(
+        tmp_path, [0.0, 0.1],
+        llms=[llm("A", model="gpt-4", slots=1, service=_det(0.5)),
+              llm("B", model="gpt-4", slots=1, service=_det(5.0)),
+              llm("C", model="gpt-4", slots=1, service=_det(50.0)),
+              llm("D", model="gpt-4", slots=1, service=_det(50.0))],
+        events=[{"at_s": 1.0, "outage": {"llm": "B", "duration_s": 0.5}}],
+        users={"patience_s": {"kind": "deterministic", "mean": 2.0}},
+        run={"drain_s": None, "max_retries": 1},
+    )
+    for retry in (Decision("C"), Decision("C", extra=("D",))):
+        pol = Scripted([Decision("C", extra=("D",)), Decision("A")], retry=retry,
+                       escalate=Decision("B"))
+        r1 = run(sc, pol).requests.row(1, named=True)
+        assert (r1["outcome"], r1["llm"], r1["retries"]) == ("completed", "A", 1)
