@@ -67,7 +67,8 @@ class Job:
         self.answer = 0
         self.reject_reason = -1  # a sim.record REJECT_* code once rejected
         # Billed at the list prices in force when the call was routed (the prices the policy
-        # decided on, and those the reference cost of its request uses), not at service start.
+        # decided on; for a request's first call, those of its reference cost), not at
+        # service start.
         self.price_in = dep.price_in
         self.price_out = dep.price_out
 
