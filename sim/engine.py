@@ -598,7 +598,10 @@ class Simulation:
             if tk.pending > 1 and t < job.deadline < math.inf:
                 # The round's other copies share this deadline; if they are still queued
                 # then, the retry must be offered at it, not when the lazy expiry notices.
-                wake = self.env.timeout(job.deadline - t)
+                delay = job.deadline - t
+                while t + delay < job.deadline:  # the clock must not land a float short of it
+                    delay = math.nextafter(delay, math.inf)
+                wake = self.env.timeout(delay)
                 wake.callbacks.append(self._wake)
         elif outcome == ABANDONED and tk.abandoned is None:
             tk.abandoned = (t, job)

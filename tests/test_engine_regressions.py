@@ -431,3 +431,86 @@ def test_an_escalated_answer_in_hand_survives_a_fan_out_retry_that_gives_up(tmp_
                        escalate=Decision("B"))
         r1 = run(sc, pol).requests.row(1, named=True)
         assert (r1["outcome"], r1["llm"], r1["retries"]) == ("completed", "A", 1)
+
+
+def test_the_retry_wake_up_is_not_a_float_short_of_the_deadline(tmp_path):
+    # As the fan-out retry test, with an outage at 0.4 and a deadline at 0.1 + 1.7 = 1.8:
+    # 0.4 + (1.8 - 0.4) is 1.7999999999999998 in floats, and a wake-up there found nothing
+    # expired, so the retry waited for the arrival at 5.0 (and pushed request 2 back).
+    sc = traced(
+        tmp_path, [0.0, 0.1, 5.0],
+        llms=[llm("A", model="gpt-4", slots=1, service=DET_1S),
+              llm("B", model="gpt-4", slots=1, service=_det(10.0))],
+        events=[{"at_s": 0.4, "outage": {"llm": "A", "duration_s": 0.1}}],
+        users={"patience_s": {"kind": "deterministic", "mean": 1.7}},
+        run={"drain_s": None, "max_retries": 2, "sample_every_s": 10.0},
+    )
+    plan = [Decision("B"), Decision("A", extra=("B",)), Decision("A")]
+    req = run(sc, Scripted(plan, retry=Decision("A"))).requests
+    assert req.row(1, named=True)["start_s"] == pytest.approx(1.8)
+    assert (req.row(2, named=True)["start_s"], req.row(2, named=True)["wait_s"]) == (5.0, 0.0)
+
+
+def test_an_answer_in_hand_is_kept_through_several_fan_out_rounds(tmp_path):
+    # Request 2: A answers at 0.6 and it is escalated to E, which fails at 1.0. Round 2 fans
+    # out to B (served, fails at 1.5) and C (busy): retried when C's copy gives up at 5.0.
+    # Round 3 (C and D, both busy, no patience left) gives up too. A's answer, in hand all
+    # along, is what the user gets.
+    class Rounds(Scripted):
+        def route(self, query, view):
+            if query.attempt == 0:
+                return self.plan[query.id]
+            return Decision("B", extra=("C",)) if query.attempt == 2 else Decision(
+                "C", extra=("D",))
+
+        def on_answer(self, query, answer, view):
+            return Decision("E") if query.id == 2 and query.attempt == 1 else None
+
+    sc = traced(
+        tmp_path, [0.0, 0.0, 0.1],
+        llms=[llm("A", model="gpt-4", slots=1, service=_det(0.5)),
+              llm("B", model="gpt-4", slots=1, service=_det(5.0)),
+              llm("C", model="gpt-4", slots=1, service=_det(50.0)),
+              llm("D", model="gpt-4", slots=1, service=_det(50.0)),
+              llm("E", model="gpt-4", slots=1, service=_det(5.0))],
+        events=[{"at_s": 1.0, "outage": {"llm": "E", "duration_s": 0.2}},
+                {"at_s": 1.5, "outage": {"llm": "B", "duration_s": 0.2}}],
+        users={"patience_s": {"kind": "deterministic", "mean": 4.0}},
+        run={"drain_s": None, "max_retries": 3, "sample_every_s": 50.0},
+    )
+    r2 = run(sc, Rounds([Decision("C"), Decision("D"), Decision("A")])).requests.row(
+        2, named=True)
+    assert (r2["outcome"], r2["llm"], r2["retries"]) == ("completed", "A", 2)
+    assert r2["wait_s"] == pytest.approx(4.0)  # all of the user's patience, no more
+
+
+def test_a_keep_primary_round_waits_only_for_its_primary(tmp_path):
+    # The primary copy on A starts at once and answers at 5.1; the extra copy on B queued
+    # 0.9 s behind request 0 before it ran. The user got the primary's answer: wait 0.
+    sc = traced(
+        tmp_path, [0.0, 0.1],
+        llms=[llm("A", model="gpt-4", slots=1, service=_det(5.0)),
+              llm("B", model="gpt-4", slots=1, service=DET_1S)],
+        run={"drain_s": None},
+    )
+    plan = [Decision("B"), Decision("A", extra=("B",), keep="primary")]
+    r1 = run(sc, Scripted(plan)).requests.row(1, named=True)
+    assert (r1["outcome"], r1["llm"], r1["end_s"]) == ("completed", "A", pytest.approx(5.1))
+    assert r1["wait_s"] == 0.0
+
+
+def test_a_round_ends_when_its_last_copy_ends_not_when_that_is_noticed(tmp_path):
+    # Request 1's copy on A answers at 3.1; its copy on B gave up at 1.1, which nothing
+    # notices before the arrival at 5.0. The request ends at 3.1 with A's answer, not at
+    # 1.1 (before the answer existed) or 5.0.
+    sc = traced(
+        tmp_path, [0.0, 0.1, 5.0],
+        llms=[llm("A", model="gpt-4", slots=1, service=_det(3.0)),
+              llm("B", model="gpt-4", slots=1, service=_det(10.0))],
+        users={"patience_s": {"kind": "deterministic", "mean": 1.0}},
+        run={"drain_s": None, "sample_every_s": 100.0},
+    )
+    plan = [Decision("B"), Decision("A", extra=("B",), keep="best_realised"), Decision("A")]
+    r1 = run(sc, Scripted(plan)).requests.row(1, named=True)
+    assert (r1["outcome"], r1["llm"]) == ("completed", "A")
+    assert r1["end_s"] == pytest.approx(3.1) and r1["wait_s"] == pytest.approx(1.0)
