@@ -119,10 +119,11 @@ def trace_times(spec: TraceArrivals, duration_s: float) -> np.ndarray:
     if not path.is_file():
         raise DataError("trace file not found", source=str(path), field="arrivals.path")
     try:
-        df = pl.read_csv(path)
+        # Types from every row: whole seconds first and a fraction later is still a trace.
+        df = pl.read_csv(path, infer_schema_length=None)
         if spec.column is None and df.columns and _is_number(df.columns[0]):
             # No header line: the first timestamp must not be taken for a column name.
-            df = pl.read_csv(path, has_header=False)
+            df = pl.read_csv(path, has_header=False, infer_schema_length=None)
     except Exception as exc:  # polars raises several types for malformed CSV
         raise DataError(
             f"cannot read CSV: {exc}", source=str(path), field="arrivals.path"
@@ -148,7 +149,10 @@ def trace_times(spec: TraceArrivals, duration_s: float) -> np.ndarray:
             source=str(path),
             field="arrivals.column",
         )
-    t = np.sort(t) * spec.time_scale
+    t = np.sort(t)
+    if spec.shift_to_zero and t.size:
+        t = t - t[0]
+    t = t * spec.time_scale
     if t.size and spec.loop:
         if t[-1] <= t[0]:
             raise DataError(
@@ -162,6 +166,14 @@ def trace_times(spec: TraceArrivals, duration_s: float) -> np.ndarray:
         period = float(t[-1] - t[0] + np.median(gaps[gaps > 0]))
         reps = int(np.ceil(duration_s / period)) + 1
         t = np.concatenate([t + i * period for i in range(reps)])
+    if t.size and not (t < duration_s).any():
+        raise DataError(
+            f"no timestamp falls in the run: the first is {t[0]:g} s (after time_scale) and "
+            f"duration_s is {duration_s:g}; timestamps are seconds from the run's start, or "
+            "set arrivals.shift_to_zero: true for absolute times (e.g. Unix epoch)",
+            source=str(path),
+            field="arrivals.path",
+        )
     return t[t < duration_s]
 
 
@@ -191,7 +203,8 @@ def arrival_times(spec: Arrivals, duration_s: float, rng: np.random.Generator) -
 
 
 def expected_count(spec: Arrivals, duration_s: float) -> float | None:
-    """Expected number of arrivals (None for traces, which are data)."""
+    """Expected number of arrivals (None for traces, which are data); for MMPP the long-run
+    value, which ignores `initial_state`."""
     if isinstance(spec, PoissonArrivals):
         return spec.rate_per_s * duration_s
     if isinstance(spec, PiecewiseArrivals):
@@ -203,5 +216,7 @@ def expected_count(spec: Arrivals, duration_s: float) -> float | None:
         integral = (np.cos(w * (0 - spec.phase_s)) - np.cos(w * (duration_s - spec.phase_s))) / w
         return spec.mean_rate_per_s * (duration_s + spec.amplitude * integral)
     if isinstance(spec, MMPPArrivals):
+        # Long-run: from the stationary state shares, whatever the initial state (exact
+        # only for runs much longer than the sojourns).
         return mmpp_mean_rate(spec) * duration_s
     return None

@@ -38,8 +38,17 @@ def llm_info(spec: LLMSpec, workload: Workload, *, field: str = "llms") -> LLMIn
     )
 
 
-def training_set(workload: Workload) -> TrainingSet:
-    rows = np.flatnonzero((workload.split == SPLIT_TRAIN) | (workload.split == SPLIT_VALID))
+def training_set(workload: Workload, arrival_split: str = "test") -> TrainingSet:
+    """The rows whose ground truth policies learn from: train and validation, minus the
+    split arrivals sample from (`workload.split`), so no policy is scored on an answer it
+    was shown. With arrivals from "all" rows nothing is left to learn from."""
+    train = workload.split == SPLIT_TRAIN
+    valid = workload.split == SPLIT_VALID
+    if arrival_split in ("train", "all"):
+        train = np.zeros_like(train)
+    if arrival_split in ("validation", "all"):
+        valid = np.zeros_like(valid)
+    rows = np.flatnonzero(train | valid)
     return TrainingSet(
         rows=rows,
         models=workload.models,

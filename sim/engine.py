@@ -33,7 +33,7 @@ import simpy
 
 from sim.arrivals import arrival_times
 from sim.cluster import CANCELLED, DONE, QUEUED, RUNNING, Cluster, Deployment, Job
-from sim.context import build_policy_context
+from sim.context import build_policy_context, training_set
 from sim.errors import RouteSimError
 from sim.feedback import draw_users
 from sim.record import (
@@ -237,6 +237,7 @@ class Simulation:
             patience_mean_s=scenario.users.patience_s.mean if scenario.users.patience_s else None,
             cache_dir=cache_dir,
             with_ground_truth=bool(getattr(policy, "uses_ground_truth", False)),
+            train=training_set(self.wl, scenario.workload.split),
             judge=self._judge,
         )
         policy.setup(ctx)

@@ -205,6 +205,9 @@ class TraceArrivals(Spec):
     column: str | None = None
     time_scale: PosFloat = 1.0  # multiply timestamps (speed a trace up or down)
     loop: bool = False  # repeat the trace to fill duration_s
+    # Subtract the first timestamp, so the trace starts at t = 0 (absolute times, e.g.
+    # Unix epoch seconds); by default timestamps are seconds from the run's start.
+    shift_to_zero: bool = False
 
 
 Arrivals = Annotated[

@@ -143,3 +143,20 @@ def test_same_seed_same_arrivals():
     spec = PoissonArrivals(kind="poisson", rate_per_s=3.0)
     assert np.array_equal(arrival_times(spec, 100, rng(5)), arrival_times(spec, 100, rng(5)))
     assert not np.array_equal(arrival_times(spec, 100, rng(5)), arrival_times(spec, 100, rng(6)))
+
+
+def test_trace_with_absolute_times_and_mixed_number_formats(tmp_path):
+    # Epoch seconds land after any run: a clear error, or shifted to start at 0 on request.
+    p = tmp_path / "epoch.csv"
+    p.write_text("t\n1700000000.5\n1700000001.5\n1700000003.0\n")
+    with pytest.raises(DataError, match="shift_to_zero") as exc:
+        arrival_times(TraceArrivals(kind="trace", path=str(p)), 100.0, rng())
+    assert str(p) in str(exc.value)
+    shifted = TraceArrivals(kind="trace", path=str(p), shift_to_zero=True, time_scale=2.0)
+    assert arrival_times(shifted, 100.0, rng()).tolist() == [0.0, 2.0, 5.0]
+    # Whole seconds for the first 200 rows, then a fraction: read as one numeric column
+    # (column types are inferred from every row, not the first 100).
+    q = tmp_path / "mixed.csv"
+    q.write_text("t\n" + "".join(f"{i}\n" for i in range(200)) + "200.5\n")
+    t = arrival_times(TraceArrivals(kind="trace", path=str(q)), 1000.0, rng())
+    assert t.size == 201 and t[-1] == 200.5

@@ -514,3 +514,26 @@ def test_a_round_ends_when_its_last_copy_ends_not_when_that_is_noticed(tmp_path)
     r1 = run(sc, Scripted(plan)).requests.row(1, named=True)
     assert (r1["outcome"], r1["llm"]) == ("completed", "A")
     assert r1["end_s"] == pytest.approx(3.1) and r1["wait_s"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("split", ["test", "validation", "train", "all"])
+def test_policies_never_learn_from_the_rows_arrivals_sample(split):
+    # Before, policies learned from every train and validation row whatever
+    # workload.split was: with split: validation a kNN router was scored on the very
+    # answers it had been fitted and calibrated on.
+    from sim.errors import PolicyError
+
+    sc = scenario(workload={"source": "synthetic", "reference_llm": "gpt-4",
+                            "n_queries": 600, "split": split})
+    wl = build_workload(sc, sc.seed)
+    inputs = prepare_inputs(sc, wl, sc.seed)
+    for name in ("least_loaded", "knn"):
+        pol = registry.create(name)
+        if split == "all" and name == "knn":
+            with pytest.raises(PolicyError, match="training rows") as err:
+                Simulation(sc, pol, inputs, seed=sc.seed)
+            assert err.value.field == "workload.split"
+            continue
+        Simulation(sc, pol, inputs, seed=sc.seed)
+        assert not np.isin(inputs.rows, pol.ctx.train.rows).any()
+        assert (len(pol.ctx.train.rows) == 0) == (split == "all")

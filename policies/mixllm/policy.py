@@ -270,7 +270,8 @@ class MixLLMPolicy(BasePolicy):
         if len(fit_idx) == 0:
             raise PolicyError(
                 "mixllm needs training rows with ground truth to fit its predictors; the "
-                "workload has none (fit_on=" + repr(p.fit_on) + ")",
+                "workload has none (fit_on=" + repr(p.fit_on) + "; the rows arrivals sample "
+                "from, workload.split, are never training rows)",
                 field="mixllm.params.fit_on",
             )
         self._fit_idx = fit_idx  # indices into ctx.train arrays
