@@ -3,7 +3,9 @@ SLO (and optionally a quality floor) under a scenario's load with a given router
 
 Self-hosted LLMs are those with `replica_cost_per_hour > 0`; the others (APIs) keep their
 configuration. Cost per hour = replica-hours of the self-hosted LLMs + per-token spend as
-billed in the simulation (per measured hour). The search:
+billed in the simulation (per measured hour). Replicas count for the whole hour, including
+those of an LLM that joins or leaves mid-run: the plan prices running the configuration,
+not the scenario's timeline. The search:
 
 1. Pilot: one simulation with every self-hosted LLM at `max_replicas` gives the router's
    unconstrained route shares, per LLM and per time window, and the token counts of the
@@ -14,19 +16,22 @@ billed in the simulation (per measured hour). The search:
    (reports.erlang).
 3. Verify and refine by simulation with replications (the same seeds for every
    configuration: common random numbers): add a replica to the bottleneck until the SLO and
-   the quality floor hold, then remove replicas (cheapest configuration first) and try
-   trading an expensive replica for a cheaper one, until no single removal keeps the
-   constraints: the plan is minimal.
+   the quality floor hold, then take the cheapest feasible single move that lowers the cost
+   per hour (remove a replica, move one to an LLM with a cheaper replica, or add one where
+   a replica costs less than the per-token spend it may displace: a router that follows
+   load sends traffic to it), until none does. The plan is a local minimum of cost over
+   these moves, checked by simulation ("minimal" in plan.json; not a global search).
 
 Upper bounds: a router that sees ground truth (the oracle) or keeps fan-out answers by
 realised quality sizes a cluster for traffic no deployable router would send. Such a plan is
 still computed, but it is labelled an upper bound in its message, plan.json
 (`upper_bound`, `upper_bound_reason`) and plan.html.
 
-SLO check: the mean over replications of the p95 wait (as in summary.json, except that a
-rejected request counts as an infinitely long wait, so shedding load cannot buy the SLO)
-is at most the target. Every self-hosted LLM keeps at least one replica (the scenario's set
-of LLMs is given; sizing does not remove an LLM).
+SLO check: the mean over replications of the p95 wait (as in summary.json, in flight
+requests with their wait so far included, except that a rejected request counts as an
+infinitely long wait, so shedding load cannot buy the SLO) is at most the target. Every
+self-hosted LLM keeps at least one replica (the scenario's set of LLMs is given; sizing does
+not remove an LLM).
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ from reports.erlang import replicas_for
 from sim.compare import t_interval
 from sim.engine import Inputs, Simulation, prepare_inputs
 from sim.errors import RouteSimError
-from sim.metrics import summarize
+from sim.metrics import admitted_waits, summarize
 from sim.record import write_json
 from sim.runner import build_workload, resolve_policies
 from sim.scenario import LLMSpec, PolicySpec, Scenario
@@ -254,7 +259,7 @@ def policy_spec(scenario: Scenario, name: str) -> PolicySpec:
 
 class Planner:
     """Evaluates configurations by simulation (cached) and searches for the cheapest
-    feasible, minimal one."""
+    feasible one (a local minimum over single-replica moves)."""
 
     def __init__(
         self,
@@ -434,10 +439,12 @@ class Planner:
             return self._labelled(Plan(self, best, False, False, notes,
                                        list(self.cache.values()), msg))
         chosen, minimal = self._descend(cur)
-        msg = f"cheapest feasible configuration found: {self._describe(chosen)}"
+        msg = (f"cheapest feasible configuration found: {self._describe(chosen)} (no single "
+               "replica removed, moved or added is feasible and cheaper)")
         if not minimal:
-            msg += (f" (evaluation budget of {self.max_evaluations} configurations reached: "
-                    "minimality not fully checked)")
+            msg = (f"cheapest feasible configuration found: {self._describe(chosen)} "
+                   f"(evaluation budget of {self.max_evaluations} configurations reached: "
+                   "not every single-replica move was checked)")
         return self._labelled(Plan(self, chosen, True, minimal, notes,
                                    list(self.cache.values()), msg))
 
@@ -449,8 +456,11 @@ class Planner:
         return plan
 
     def _descend(self, cur: Evaluation) -> tuple[Evaluation, bool]:
-        """Greedy removals, then cheaper swaps, from a feasible configuration. Returns the
-        final configuration and whether no single removal from it is feasible (minimal)."""
+        """From a feasible configuration, take the cheapest feasible single move that lowers
+        the cost per hour (a replica removed, moved to a cheaper LLM, or added: with a router
+        that follows load, a cheap replica can take traffic off a dearer per-token LLM), until
+        none does. Returns the final configuration and whether every move from it was
+        checked (False: the evaluation budget ran out)."""
         while True:
             removals = []
             for i in range(len(self.llms)):
@@ -460,24 +470,49 @@ class Planner:
                     removals.append(tuple(cfg))
             # cheapest resulting configuration first, so a short budget goes to the best moves
             removals.sort(key=self.replica_cost)
-            feasible = []
+            better = []
             for cfg in removals:
                 if cfg not in self.cache and not self._budget_left():
                     return cur, False
                 ev = self.evaluate(cfg, "remove")
-                if ev.feasible:
-                    feasible.append(ev)
-            if feasible:
-                cur = min(feasible, key=lambda e: (e.cost_per_hour, e.p95_wait_s))
+                if ev.feasible and ev.cost_per_hour < cur.cost_per_hour:
+                    better.append(ev)
+            if better:
+                cur = min(better, key=lambda e: (e.cost_per_hour, e.p95_wait_s))
                 continue
-            swap = self._cheaper_swap(cur)
-            if swap is None:
+            for move in (self._cheaper_swap, self._cheaper_addition):
+                nxt, complete = move(cur)
+                if nxt is not None:
+                    cur = nxt
+                    break
+                if not complete:
+                    return cur, False
+            else:
                 return cur, True
-            cur = swap
 
-    def _cheaper_swap(self, cur: Evaluation) -> Evaluation | None:
+    def _cheaper_addition(self, cur: Evaluation) -> tuple[Evaluation | None, bool]:
+        """One replica added, if that is feasible and cheaper overall (only worth trying
+        where the replica costs less per hour than the per-token spend it could displace).
+        Also returns whether every candidate was evaluated."""
+        best = None
+        for i, name in enumerate(self.llms):
+            if (cur.config[i] >= self.max_replicas
+                    or self.specs[name].replica_cost_per_hour >= cur.api_cost_per_hour):
+                continue
+            cfg = list(cur.config)
+            cfg[i] += 1
+            cfg_t = tuple(cfg)
+            if cfg_t not in self.cache and not self._budget_left():
+                return best, False
+            ev = self.evaluate(cfg_t, "add_cheaper")
+            if ev.feasible and ev.cost_per_hour < cur.cost_per_hour and (
+                    best is None or ev.cost_per_hour < best.cost_per_hour):
+                best = ev
+        return best, True
+
+    def _cheaper_swap(self, cur: Evaluation) -> tuple[Evaluation | None, bool]:
         """One replica moved from an LLM to a cheaper-per-hour one, if that is feasible and
-        cheaper overall."""
+        cheaper overall. Also returns whether every candidate was evaluated."""
         best = None
         for i, a in enumerate(self.llms):
             if cur.config[i] <= 1:
@@ -492,12 +527,12 @@ class Planner:
                 cfg[j] += 1
                 cfg_t = tuple(cfg)
                 if cfg_t not in self.cache and not self._budget_left():
-                    return best
+                    return best, False
                 ev = self.evaluate(cfg_t, "swap")
                 if ev.feasible and ev.cost_per_hour < cur.cost_per_hour and (
                         best is None or ev.cost_per_hour < best.cost_per_hour):
                     best = ev
-        return best
+        return best, True
 
     def _what_fails(self, ev: Evaluation) -> str:
         parts = [f"the SLO p95 wait <= {self.slo:g} s"]
@@ -521,16 +556,16 @@ def full_batch_service_s(spec: LLMSpec, mean_in: float, mean_out: float) -> floa
     return spec.first_token_s + mean_in / spec.prefill_tps + mean_out / decode
 
 
+def _planning_waits(measured: pl.DataFrame) -> np.ndarray:
+    """The summary's admitted waits (sim.metrics.admitted_waits, in flight requests with
+    their wait so far) plus one infinite wait per rejection."""
+    n_rejected = int((measured["outcome"] == "rejected").sum())
+    return np.concatenate([admitted_waits(measured).astype(float), np.full(n_rejected, np.inf)])
+
+
 def planning_p95_wait(measured: pl.DataFrame) -> float:
     """p95 wait of the measured requests as in sim.metrics, rejections counted as infinite."""
-    waited = measured.filter(
-        pl.col("outcome").is_in(["completed", "abandoned", "rejected", "failed"])
-    )
-    if waited.is_empty():
-        return 0.0
-    w = waited["wait_s"].to_numpy().astype(float)
-    w[(waited["outcome"] == "rejected").to_numpy()] = np.inf
-    return _percentile(w, 100 * QUANTILE)
+    return _percentile(_planning_waits(measured), 100 * QUANTILE)
 
 
 def _percentile(w: np.ndarray, q: float) -> float:
@@ -557,15 +592,12 @@ def llm_stats(
                          & (pl.col("t_s") <= scenario.duration_s))
     for name in names:
         mine = measured.filter(pl.col("llm") == name)
-        waited = mine.filter(pl.col("outcome") != "in_flight")
-        w = waited["wait_s"].to_numpy().astype(float)
-        rej = (waited["outcome"] == "rejected").to_numpy()
-        w[rej] = np.inf
+        w = _planning_waits(mine)
         s = tl.filter(pl.col("llm") == name)
         cap = float(s["capacity"].sum()) if s.height else 0.0
         out[name] = {
             "route_share": mine.height / n,
-            "late_share": float(((w > slo) | rej).mean()) if w.size else 0.0,
+            "late_share": float((w > slo).mean()) if w.size else 0.0,
             "p95_wait_s": _percentile(w, 100 * QUANTILE),
             "utilisation": float(s["busy"].sum()) / cap if cap > 0 else 0.0,
         }

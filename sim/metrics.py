@@ -5,9 +5,12 @@ Definitions (over requests that arrived after warm-up):
   LLM's ground-truth quality on the same queries;
 - cost % = total cost / cost of answering the same queries with the reference LLM;
 so a router cannot look good by dropping hard queries.
-- waits are over every request that was not rejected (completed, abandoned, failed, and
-  in flight at the horizon with its wait so far); rejections are not 0 s waits but SLO
-  misses, so shedding load buys neither a low p95 nor SLO attainment;
+- waits (mean, p50/p95/p99) are over the admitted requests: every request not rejected
+  (completed, abandoned, failed, and in flight at the horizon with its wait so far; see
+  `admitted_waits`). A rejected request never queued, so it has no wait: it is not counted
+  as a 0 s wait, but it is not in these figures either; rejections show in the rejected
+  share and in SLO attainment, which counts them as misses (capacity planning goes further
+  and counts them as infinite waits);
 - SLO attainment = share of measured requests completed with wait <= slo.p95_wait_s.
 """
 
@@ -46,6 +49,13 @@ SUMMARY_KEYS = (
     "route_share",
     "saturation",
 )
+
+
+def admitted_waits(requests: pl.DataFrame) -> np.ndarray:
+    """Waits of the requests that were not rejected, in flight ones with their wait so far (a
+    lower bound): the one definition behind the summary's wait figures, the planner's (which
+    adds rejections as infinite waits) and the report's wait CDF."""
+    return requests.filter(pl.col("outcome") != "rejected")["wait_s"].to_numpy()
 
 
 def _pct(x: np.ndarray, q: float) -> float | None:
@@ -109,10 +119,7 @@ def summarize(
     ref_q = float(m["ref_quality"].sum())
     cost = float(m["cost_usd"].sum())
     ref_c = float(m["ref_cost_usd"].sum())
-    # Rejected requests never queued: counting them as 0 s waits would let load shedding buy
-    # a low p95. In-flight ones count with the wait they had so far (a lower bound).
-    waited = m.filter(pl.col("outcome") != "rejected")
-    wait = waited["wait_s"].to_numpy()
+    wait = admitted_waits(m)
     done = m.filter(pl.col("outcome") == "completed")
     lat = done["latency_s"].to_numpy()
     slo = scenario.slo.p95_wait_s
