@@ -172,8 +172,11 @@ def sample_query_rows(
     "without_replacement" walks random permutations of the pool, reshuffled each pass. While
     a family mix is in force (`spec.mix` from the start, then each `(at_s, mix)` of
     `mix_changes` for arrivals at t >= at_s), an arrival first draws a family by the mix's
-    weights (families not named get none), then a row of that family from the pool; without
-    replacement, each family's rows are walked on their own.
+    weights (families not named get none), then a row of that family from the pool. Without
+    replacement, each family's rows are walked on their own, and arrivals under no mix walk
+    the whole pool on their own too: a row is asked twice within one walk only, so across a
+    mix change (or between mixed and unmixed periods) a row can repeat before every row of
+    the pool was asked.
     """
     times = np.asarray(arrival_times, dtype=float)
     n = times.shape[0]
