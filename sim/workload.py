@@ -174,9 +174,9 @@ def sample_query_rows(
     `mix_changes` for arrivals at t >= at_s), an arrival first draws a family by the mix's
     weights (families not named get none), then a row of that family from the pool. Without
     replacement, each family's rows are walked on their own, and arrivals under no mix walk
-    the whole pool on their own too: a row is asked twice within one walk only, so across a
-    mix change (or between mixed and unmixed periods) a row can repeat before every row of
-    the pool was asked.
+    the whole pool on their own too. Within a walk no row repeats before the walk's rows are
+    used up; separate walks do not see each other, so across a mix change (or between mixed
+    and unmixed periods) a row can repeat before every row of the pool was asked.
     """
     times = np.asarray(arrival_times, dtype=float)
     n = times.shape[0]
