@@ -138,7 +138,8 @@ _MODELS: tuple[ModelEntry, ...] = (
         commonsense=S(0.6409, _tok(1.0)),  # Winogrande 0.6409, 1.0 chars [RB]
         code=S(0.6534, _tok(588.3)),  # MBPP 0.6534, 588.3 chars [RB]
         math=S(0.571, _tok(796) / 2),  # GSM8K 57.1 5-shot [GPT4TR]; length ESTIMATE
-        # MT-bench 7.94 [LMSYS] (the gpt-3.5-turbo of Nov 2023); 796 chars, -1106 [AE2]
+        # MT-bench 7.94: GPT-3.5-turbo in the MT-Bench paper (Zheng et al. 2023, the March
+        # 2023 model, not -1106; kept as the conservative figure); 796 chars, -1106 [AE2]
         open_chat=S(0.794, _tok(796)),
     ),
     _entry(
