@@ -462,26 +462,9 @@ class Planner:
         none does. Returns the final configuration and whether every move from it was
         checked (False: the evaluation budget ran out)."""
         while True:
-            removals = []
-            for i in range(len(self.llms)):
-                if cur.config[i] > 1:
-                    cfg = list(cur.config)
-                    cfg[i] -= 1
-                    removals.append(tuple(cfg))
-            # cheapest resulting configuration first, so a short budget goes to the best moves
-            removals.sort(key=self.replica_cost)
-            better = []
-            for cfg in removals:
-                if cfg not in self.cache and not self._budget_left():
-                    return cur, False
-                ev = self.evaluate(cfg, "remove")
-                if ev.feasible and ev.cost_per_hour < cur.cost_per_hour:
-                    better.append(ev)
-            if better:
-                cur = min(better, key=lambda e: (e.cost_per_hour, e.p95_wait_s))
-                continue
-            for move in (self._cheaper_swap, self._cheaper_addition):
-                nxt, complete = move(cur)
+            for stage, moves in (("remove", self._removals), ("swap", self._swaps),
+                                 ("add_cheaper", self._additions)):
+                nxt, complete = self._cheapest_better(cur, moves(cur.config), stage)
                 if nxt is not None:
                     cur = nxt
                     break
@@ -490,49 +473,47 @@ class Planner:
             else:
                 return cur, True
 
-    def _cheaper_addition(self, cur: Evaluation) -> tuple[Evaluation | None, bool]:
-        """One replica added, if that is feasible and cheaper overall (only worth trying
-        where the replica costs less per hour than the per-token spend it could displace).
-        Also returns whether every candidate was evaluated."""
+    def _cheapest_better(self, cur: Evaluation, configs, stage: str):
+        """The cheapest feasible configuration of `configs` that costs less than `cur` (or
+        None), and whether every one was evaluated before the budget ran out."""
         best = None
-        for i, name in enumerate(self.llms):
-            if (cur.config[i] >= self.max_replicas
-                    or self.specs[name].replica_cost_per_hour >= cur.api_cost_per_hour):
-                continue
-            cfg = list(cur.config)
-            cfg[i] += 1
-            cfg_t = tuple(cfg)
-            if cfg_t not in self.cache and not self._budget_left():
+        for cfg in configs:
+            if cfg not in self.cache and not self._budget_left():
                 return best, False
-            ev = self.evaluate(cfg_t, "add_cheaper")
+            ev = self.evaluate(cfg, stage)
             if ev.feasible and ev.cost_per_hour < cur.cost_per_hour and (
-                    best is None or ev.cost_per_hour < best.cost_per_hour):
+                    best is None or (ev.cost_per_hour, ev.p95_wait_s)
+                    < (best.cost_per_hour, best.p95_wait_s)):
                 best = ev
         return best, True
 
-    def _cheaper_swap(self, cur: Evaluation) -> tuple[Evaluation | None, bool]:
-        """One replica moved from an LLM to a cheaper-per-hour one, if that is feasible and
-        cheaper overall. Also returns whether every candidate was evaluated."""
-        best = None
-        for i, a in enumerate(self.llms):
-            if cur.config[i] <= 1:
-                continue
-            for j, b in enumerate(self.llms):
-                if (j == i or cur.config[j] >= self.max_replicas
-                        or self.specs[b].replica_cost_per_hour
-                        >= self.specs[a].replica_cost_per_hour):
-                    continue
-                cfg = list(cur.config)
-                cfg[i] -= 1
-                cfg[j] += 1
-                cfg_t = tuple(cfg)
-                if cfg_t not in self.cache and not self._budget_left():
-                    return best, False
-                ev = self.evaluate(cfg_t, "swap")
-                if ev.feasible and ev.cost_per_hour < cur.cost_per_hour and (
-                        best is None or ev.cost_per_hour < best.cost_per_hour):
-                    best = ev
-        return best, True
+    def _removals(self, config: Config) -> list[Config]:
+        """One replica fewer somewhere, cheapest result first (a short budget goes to the
+        best moves); every LLM keeps one."""
+        out = [config[:i] + (k - 1,) + config[i + 1:] for i, k in enumerate(config) if k > 1]
+        return sorted(out, key=self.replica_cost)
+
+    def _swaps(self, config: Config) -> list[Config]:
+        """One replica moved from an LLM to one with a cheaper replica."""
+        cost = [self.specs[n].replica_cost_per_hour for n in self.llms]
+        out = []
+        for i in range(len(config)):
+            for j in range(len(config)):
+                if (j != i and config[i] > 1 and config[j] < self.max_replicas
+                        and cost[j] < cost[i]):
+                    cfg = list(config)
+                    cfg[i] -= 1
+                    cfg[j] += 1
+                    out.append(tuple(cfg))
+        return out
+
+    def _additions(self, config: Config) -> list[Config]:
+        """One replica more, only where it costs less per hour than the per-token spend it
+        could displace (otherwise it cannot lower the total)."""
+        spend = self.cache[config].api_cost_per_hour
+        return [config[:i] + (k + 1,) + config[i + 1:] for i, (k, n) in
+                enumerate(zip(config, self.llms, strict=True))
+                if k < self.max_replicas and self.specs[n].replica_cost_per_hour < spend]
 
     def _what_fails(self, ev: Evaluation) -> str:
         parts = [f"the SLO p95 wait <= {self.slo:g} s"]
