@@ -66,6 +66,9 @@ class BasePolicy:
     # Params whose values (a name or a sequence of names) name deployments present at setup:
     # registry.check_against_scenario checks them against a scenario before anything runs.
     llm_params: ClassVar[tuple[str, ...]] = ()
+    # True for policies that learn from the ground truth of training rows
+    # (`PolicyContext.train`): refused before any run when the scenario leaves none.
+    needs_training_rows: ClassVar[bool] = False
 
     @classmethod
     def workload_conflict(cls, params: BaseModel, *, has_texts: bool) -> tuple[str, str] | None:

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from policies.base import BasePolicy
 from policies.quality_model import available
 from policies.registry import register
+from sim.errors import PolicyError
 from sim.types import ClusterView, Decision, PolicyContext, Query
 
 
@@ -84,9 +85,17 @@ class StrongestPolicy(BasePolicy):
     """Highest mean training quality among accepting deployments (a fixed ranking)."""
 
     name = "strongest"
+    needs_training_rows = True
 
     def setup(self, ctx: PolicyContext) -> None:
         super().setup(ctx)
+        if len(ctx.train.rows) == 0:
+            raise PolicyError(
+                "strongest ranks LLMs by their mean quality on training rows; the workload "
+                "has none (the rows arrivals sample from, workload.split, are never training "
+                "rows)",
+                field="workload.split",
+            )
         fit = ~ctx.train.valid_mask
         self.mean_quality = (
             ctx.train.quality[fit].mean(axis=0) if fit.any() else (ctx.train.quality.mean(axis=0))

@@ -369,6 +369,8 @@ class LearnedRouter(BasePolicy):
     `tradeoff_value` holds the knob in force; `set_tradeoff` changes it without refitting.
     """
 
+    needs_training_rows: ClassVar[bool] = True
+
     tradeoff_param: ClassVar[str] = ""
     tradeoff_grid: ClassVar[tuple[float, ...]] = ()
 

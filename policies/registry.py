@@ -100,11 +100,21 @@ def check_against_scenario(
     *,
     has_texts: bool,
     field: str,
+    has_training_rows: bool = True,
 ) -> None:
     """Before a run, not halfway through it: params that name deployments (the class's
-    `llm_params`) name LLMs in `llm_names` (those present at setup), and the class's
-    `workload_conflict` finds nothing wrong for a workload with or without query texts."""
+    `llm_params`) name LLMs in `llm_names` (those present at setup), the class's
+    `workload_conflict` finds nothing wrong for a workload with or without query texts, and a
+    policy that learns from training rows (`needs_training_rows`) has some."""
     cls = get(name, field=field)
+    if getattr(cls, "needs_training_rows", False) and not has_training_rows:
+        raise PolicyError(
+            f"policy {name!r} ({field}) learns from the ground truth of training rows, and "
+            "workload.split 'all' leaves none (rows arrivals sample are never training rows, "
+            "so no router is scored on an answer it was shown); use split 'test', or a "
+            "router that does not learn (random, round_robin, cheapest, least_loaded)",
+            field="workload.split",
+        )
     validated = validate_params(name, params, field=field)
     conflict = cls.workload_conflict(validated, has_texts=has_texts)
     if conflict is not None:

@@ -16,11 +16,12 @@ not the scenario's timeline. The search:
    (reports.erlang).
 3. Verify and refine by simulation with replications (the same seeds for every
    configuration: common random numbers): add a replica to the bottleneck until the SLO and
-   the quality floor hold, then take the cheapest feasible single move that lowers the cost
-   per hour (remove a replica, move one to an LLM with a cheaper replica, or add one where
-   a replica costs less than the per-token spend it may displace: a router that follows
-   load sends traffic to it), until none does. The plan is a local minimum of cost over
-   these moves, checked by simulation ("minimal" in plan.json; not a global search).
+   the quality floor hold, then move to a feasible configuration one replica away with a
+   lower cost per hour (removals first, then a replica moved between LLMs, then one added;
+   a move that adds replica cost is tried only where that cost is below the per-token spend
+   it may displace: a router that follows load sends traffic to the new replica), until
+   none is cheaper. The plan is a local minimum of cost over these moves, checked by
+   simulation ("minimal" in plan.json; not a global search).
 
 Upper bounds: a router that sees ground truth (the oracle) or keeps fan-out answers by
 realised quality sizes a cluster for traffic no deployable router would send. Such a plan is
@@ -194,7 +195,8 @@ class Plan:
             "analytic": self.analytic,
             "removal_checks": {
                 k: {"p95_wait_s": e.p95_wait_s, "quality_pct_of_reference": e.quality_pct,
-                    "meets_slo": e.meets_slo, "feasible": e.feasible}
+                    "meets_slo": e.meets_slo, "feasible": e.feasible,
+                    "cost_per_hour": e.cost_per_hour}
                 for k, e in self.removal_checks().items()
             },
             "tried": [
@@ -456,11 +458,12 @@ class Planner:
         return plan
 
     def _descend(self, cur: Evaluation) -> tuple[Evaluation, bool]:
-        """From a feasible configuration, take the cheapest feasible single move that lowers
-        the cost per hour (a replica removed, moved to a cheaper LLM, or added: with a router
-        that follows load, a cheap replica can take traffic off a dearer per-token LLM), until
-        none does. Returns the final configuration and whether every move from it was
-        checked (False: the evaluation budget ran out)."""
+        """From a feasible configuration, move to a feasible neighbour with a lower cost per
+        hour until none has one: removals are tried first, then a replica moved from one LLM
+        to another, then one added (with a router that follows load, a replica can take
+        traffic off a dearer per-token LLM), and of the first kind that has any, the cheapest
+        is taken. Returns the final configuration and whether every move from it was checked
+        (False: the evaluation budget ran out)."""
         while True:
             for stage, moves in (("remove", self._removals), ("swap", self._swaps),
                                  ("add_cheaper", self._additions)):
@@ -494,13 +497,15 @@ class Planner:
         return sorted(out, key=self.replica_cost)
 
     def _swaps(self, config: Config) -> list[Config]:
-        """One replica moved from an LLM to one with a cheaper replica."""
+        """One replica moved from an LLM to another, where the replica-cost difference is
+        below the per-token spend it could displace (otherwise it cannot lower the total)."""
         cost = [self.specs[n].replica_cost_per_hour for n in self.llms]
+        spend = self.cache[config].api_cost_per_hour
         out = []
         for i in range(len(config)):
             for j in range(len(config)):
                 if (j != i and config[i] > 1 and config[j] < self.max_replicas
-                        and cost[j] < cost[i]):
+                        and cost[j] - cost[i] < spend):
                     cfg = list(config)
                     cfg[i] -= 1
                     cfg[j] += 1

@@ -39,8 +39,9 @@ def plan_page(plan: Plan) -> Page:
                   "out of a deployable router's reach, so size a real cluster with a router "
                   "that does not see ground truth.")
     if plan.feasible and plan.minimal:
-        page.note("Minimal: removing one replica from any LLM that has more than one breaks "
-                  "the target (checked by simulation, below).")
+        page.note("Locally cheapest: no single replica removed, moved or added gives a "
+                  "configuration that meets the target at a lower cost per hour (checked by "
+                  "simulation; the removals below).")
 
     page.heading("The plan", 2)
     bottleneck = ev.bottleneck
@@ -188,13 +189,17 @@ def _removal_figure(plan: Plan, checks: dict[str, Evaluation]) -> go.Figure:
         x=[f"{n} {int(plan.chosen.per_llm[n]['replicas'])}→"
            f"{int(plan.chosen.per_llm[n]['replicas']) - 1}" for n in names],
         y=_clipped(ys, cap)[0],
-        marker={"color": ["#d62728" if not checks[n].feasible else "#2ca02c" for n in names]},
-        text=[_num(y) + " s" for y in ys], textposition="outside",
+        marker={"color": ["#d62728" if not checks[n].feasible else "#ff7f0e" for n in names]},
+        text=[f"{_num(y)} s, ${checks[n].cost_per_hour:.2f}/h" for n, y in zip(names, ys,
+                                                                         strict=True)],
+        textposition="outside",
     ))
     fig.add_hline(y=p.slo, line={"dash": "dash", "color": "#c00"},
                   annotation_text=f"SLO {p.slo:g} s")
     fig.update_layout(
-        title={"text": "p95 wait with one replica fewer (red: target broken)", "x": 0},
+        title={"text": "p95 wait with one replica fewer (red: target broken; orange: target "
+                       f"met but dearer than the plan's ${plan.chosen.cost_per_hour:.2f}/h)",
+               "x": 0},
         template="plotly_white", height=380,
     )
     fig.update_yaxes(title=f"p95 wait, s (bars capped at {cap:g} s; labels exact)",

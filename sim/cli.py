@@ -189,6 +189,10 @@ def validate(
         sc = load_for_cli(file, data)
         specs = resolve_policies(sc)
         check_models(sc)
+        if sc.arrivals.kind == "trace":  # its timestamps must fall in the run
+            from sim.arrivals import trace_times
+
+            trace_times(sc.arrivals, sc.duration_s)
     except RouteSimError as exc:
         fail(exc.with_source(_source_of(file)))
     console.print(

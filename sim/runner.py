@@ -67,7 +67,8 @@ def resolve_policies(
         reg.validate_params(spec.name, spec.params, field=f)
         reg.check_against_scenario(
             spec.name, spec.params, [x.name for x in scenario.llms],
-            has_texts=scenario.workload.source != "synthetic", field=f)
+            has_texts=scenario.workload.source != "synthetic", field=f,
+            has_training_rows=scenario.workload.split != "all")
         if spec.display in seen:
             raise PolicyError(
                 f"policy label {spec.display!r} appears twice; give one of them a `label`",

@@ -257,3 +257,29 @@ def test_mixllm_tags_on_a_synthetic_workload_fails_validation_before_any_run(tmp
     res = runner.invoke(app, ["validate", str(p)])
     assert res.exit_code == 2 and "policies.1.params.tags" in res.output
     assert "needs query texts" in res.output
+
+
+@pytest.mark.parametrize("learner", ["knn", "strongest", "mixllm"])
+def test_a_learning_router_with_no_training_rows_fails_before_any_run(tmp_path, learner):
+    # workload.split 'all': arrivals sample every row, and no policy learns from a row it
+    # may be scored on, so nothing is left to learn from.
+    p = write(tmp_path, mutate(lambda d: (
+        d["workload"].update(split="all"), d.update(policies=["random", learner]))))
+    res = runner.invoke(app, ["validate", str(p)])
+    assert res.exit_code == 2 and "workload.split" in res.output
+    assert f"'{learner}'" in res.output and "split 'test'" in res.output
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["run", str(p), "--out", str(out)])
+    assert res.exit_code == 2 and not out.exists()  # random did not run first
+    ok = write(tmp_path, mutate(lambda d: (
+        d["workload"].update(split="all"), d.update(policies=["random", "least_loaded"]))))
+    assert runner.invoke(app, ["validate", str(ok)]).exit_code == 0
+
+
+def test_validate_reads_a_trace_whose_times_miss_the_run(tmp_path):
+    trace = tmp_path / "epoch.csv"
+    trace.write_text("t\n1700000000\n1700000001\n")
+    p = write(tmp_path, mutate(lambda d: d.update(
+        arrivals={"kind": "trace", "path": str(trace)})))
+    res = runner.invoke(app, ["validate", str(p)])
+    assert res.exit_code == 2 and "shift_to_zero" in res.output

@@ -183,3 +183,37 @@ def test_unknown_report_baseline_lists_the_policies(run_dir, tmp_path):
     assert f"{copy}: --baseline: 'foo' is not a policy" in res.output
     assert "choose one of: random, cheapest" in res.output
     assert not (copy / "report.html").exists()
+
+
+def test_the_wait_cdf_reads_the_summarys_p95(tmp_path):
+    # One policy, one seed, with rejections (a queue of 2) and requests still queued when the
+    # run stops (no drain): the CDF's 0.95 point is the summary's p95 wait. Before, the CDF
+    # counted rejections as 0 s waits and left in-flight requests out.
+    import json
+
+    import numpy as np
+
+    from reports import figures
+    from reports.html import _policy_requests
+    from sim.metrics import admitted_waits
+
+    sc = scenario(
+        duration_s=300.0,
+        arrivals={"kind": "poisson", "rate_per_s": 3.0},
+        llms=[llm("gpt-4", slots=2, max_queue=2, decode_tps=20)],
+        users={"patience_s": {"kind": "exponential", "mean": 30}},
+        run={"drain_s": 0.0},
+        policies=["random"],
+    )
+    run(sc, seeds=1, out=tmp_path)
+    sr = discover_runs(tmp_path)[0]
+    req = _policy_requests(sr, "random")
+    measured = req.filter(pl.col("measured"))
+    outcomes = set(measured["outcome"])
+    assert {"rejected", "in_flight"} <= outcomes
+    fig = figures.cdf_figure(sr, {"random": req}, {"random": "#000"}, kind="wait")
+    xs, ps = fig.data[0].x, fig.data[0].y
+    at95 = xs[int(np.flatnonzero(np.isclose(ps, 0.95))[0])]
+    summary = json.loads(next(tmp_path.rglob("summary.json")).read_text())
+    assert at95 == pytest.approx(summary["p95_wait_s"])
+    assert at95 == pytest.approx(np.percentile(admitted_waits(measured), 95))

@@ -220,6 +220,7 @@ class MixLLMPolicy(BasePolicy):
 
     name: ClassVar[str] = "mixllm"
     Params: ClassVar[type[BaseModel]] = MixLLMParams
+    needs_training_rows: ClassVar[bool] = True
     # The knob `reports.frontier` sweeps for the quality/cost frontier.
     tradeoff_param: ClassVar[str] = "lambda_"
     tradeoff_grid: ClassVar[tuple[float, ...]] = (
@@ -272,7 +273,7 @@ class MixLLMPolicy(BasePolicy):
                 "mixllm needs training rows with ground truth to fit its predictors; the "
                 "workload has none (fit_on=" + repr(p.fit_on) + "; the rows arrivals sample "
                 "from, workload.split, are never training rows)",
-                field="mixllm.params.fit_on",
+                field="workload.split" if len(train.rows) == 0 else "mixllm.params.fit_on",
             )
         self._fit_idx = fit_idx  # indices into ctx.train arrays
         self._fit_rows = train.rows[fit_idx]  # workload rows
