@@ -324,8 +324,11 @@ def _mix_indices(
             raise DataError(f"weight of {name!r} must be > 0, got {weight!r}", field=field)
         idx.append(families.index(name))
         weights.append(float(weight))
-    w = np.asarray(weights)
-    return idx, w / w.sum()
+    # In the workload's family order, not the mapping's: the same mix written with its keys
+    # in another order must draw the same queries.
+    order = np.argsort(idx, kind="stable")
+    w = np.asarray(weights)[order]
+    return [idx[i] for i in order], w / w.sum()
 
 
 def _features(
