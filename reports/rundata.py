@@ -1,6 +1,6 @@
 """Finds and reads the runs a `routesim run` wrote under an output directory.
 
-Layout (DESIGN.md "Outputs"): OUT/<scenario>/scenario.yaml and
+Layout (README, "Outputs"): OUT/<scenario>/scenario.yaml and
 OUT/<scenario>/<policy>/seed<k>/{summary.json, requests.parquet, timeline.parquet,
 events.parquet}, and OUT/summary.parquet, which (when present) lists the runs to report.
 Only these files are read; nothing is simulated again.

@@ -107,7 +107,7 @@ def saturation_labels(timeline: pl.DataFrame, scenario: Scenario,
 def summarize(
     requests: pl.DataFrame, timeline: pl.DataFrame, scenario: Scenario, policy: str, seed: int
 ) -> dict[str, Any]:
-    """The summary.json of one run (all DESIGN.md keys)."""
+    """The summary.json of one run (the keys of SUMMARY_KEYS)."""
     # Only the columns used here: the full frame is ~50 columns and 1M rows can be large.
     m = requests.select(
         "arrival_s", "outcome", "quality", "ref_quality", "cost_usd", "ref_cost_usd",

@@ -3,7 +3,7 @@
 This is how routing papers (RouterBench, MixLLM) score routers: no queues, every answer
 arrives. It calls the same `Policy.route` / `on_answer` / `feedback` as the simulator, with a
 `ClusterView` of idle deployments, so a policy cannot behave differently here. Quality and
-cost are reported as % of sending every query to the reference LLM (DESIGN.md's definitions).
+cost are reported as % of sending every query to the reference LLM (sim.metrics's definitions).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Runs a scenario for several policies and seeds, and writes the outputs.
 
-Layout (DESIGN.md "Outputs"): OUT/<scenario>/<policy>/seed<k>/{requests,timeline,events}
+Layout (README, "Outputs"): OUT/<scenario>/<policy>/seed<k>/{requests,timeline,events}
 .parquet and summary.json, OUT/<scenario>/scenario.yaml (the resolved config),
 OUT/summary.parquet across all runs. Every file is written atomically, and a scenario's
 directory appears (or replaces the previous one) only once all its runs succeeded. Policies
@@ -174,6 +174,12 @@ def run(
         scenario = load_scenario(scenario)
     specs = resolve_policies(scenario, policies)
     check_models(scenario)
+    labels = [s.display for s in specs]
+    if baseline is not None and baseline not in labels:  # before any run, not after all
+        raise RouteSimError(
+            f"baseline {baseline!r} is not one of the policies run: {', '.join(labels)}",
+            field="baseline",
+        )
     seed_list = (
         [scenario.seed + k for k in range(seeds)] if isinstance(seeds, int) else list(seeds)
     )

@@ -634,8 +634,13 @@ def _resolve_paths(scenario: Scenario, base: Path) -> Scenario:
     if isinstance(arr, TraceArrivals) and not Path(arr.path).is_absolute():
         updates["arrivals"] = arr.model_copy(update={"path": str((base / arr.path).resolve())})
     wl = scenario.workload
-    if wl.path and not Path(wl.path).is_absolute() and not Path(wl.path).exists():
-        updates["workload"] = wl.model_copy(update={"path": str((base / wl.path).resolve())})
+    if wl.path and not Path(wl.path).is_absolute():
+        # Beside the scenario file; for compatibility a path that only exists from the
+        # working directory is still taken from there. Either way it becomes absolute, so
+        # what a run (or a sweep cell's id) sees does not depend on where it was started.
+        beside = base / wl.path
+        chosen = beside if beside.exists() or not Path(wl.path).exists() else Path(wl.path)
+        updates["workload"] = wl.model_copy(update={"path": str(chosen.resolve())})
     return scenario.model_copy(update=updates) if updates else scenario
 
 

@@ -515,8 +515,13 @@ def write_cell_outcome(out: Path, outcome: CellOutcome) -> None:
     write_json({"cell_id": outcome.cell_id, "elapsed_s": outcome.elapsed_s}, d / DONE_FILE)
 
 
-def is_done(out: Path, cell_id: str) -> bool:
-    return (cell_dir(out, cell_id) / DONE_FILE).is_file()
+def is_done(out: Path, cell_id: str, *, save_requests: bool = False,
+            save_timeline: bool = False) -> bool:
+    """The cell finished, with the outputs this sweep asks for (a cell run earlier without
+    save_requests is run again when a rerun asks for its requests)."""
+    d = cell_dir(out, cell_id)
+    wanted = [n for n, on in (("requests", save_requests), ("timeline", save_timeline)) if on]
+    return (d / DONE_FILE).is_file() and all((d / f"{n}.parquet").is_file() for n in wanted)
 
 
 # ------------------------------------------------------------------------------ backends
@@ -702,7 +707,8 @@ def run_sweep(
     g = grid if isinstance(grid, Grid) else load_grid(grid)
     cells = expand(g)
     be = backend if isinstance(backend, Backend) else make_backend(backend, workers, address)
-    todo = [c for c in cells if not is_done(out_dir, c.cell_id)]
+    todo = [c for c in cells if not is_done(out_dir, c.cell_id, save_requests=g.save_requests,
+                                             save_timeline=g.save_timeline)]
     skipped = len(cells) - len(todo)
     write_text(yaml.safe_dump(g.model_dump(mode="json"), sort_keys=False),
                out_dir / "grid.yaml")
@@ -710,7 +716,9 @@ def run_sweep(
     for c in todo:
         d = cell_dir(out_dir, c.cell_id)
         write_json(cell_record(c), d / "cell.json")
-        write_text(dump_scenario(parse_scenario(c.scenario)), d / "scenario.yaml")
+        # With the cell's seed: `routesim run` on this file reproduces the cell.
+        write_text(dump_scenario(parse_scenario({**c.scenario, "seed": c.seed})),
+                   d / "scenario.yaml")
     if on_start:
         on_start(cells, skipped)
     by_id = {c.cell_id: c for c in cells}

@@ -299,3 +299,71 @@ def test_corrupt_sweep_parquet_is_a_clear_error(tmp_path):
     r = CliRunner().invoke(app, ["sweep-report", str(tmp_path)])
     assert r.exit_code == 2 and "cannot read parquet" in r.output
     assert "Traceback" not in r.output and not (tmp_path / "sweep_report.html").exists()
+
+
+def test_a_rerun_asking_for_more_outputs_reruns_the_cells_without_them(tmp_path):
+    # done.json alone used to mark a cell finished, so a rerun with save_requests: true
+    # skipped cells run without it and they never got their requests.parquet.
+    lean = run_sweep(grid(policies=["random"], save_requests=False), tmp_path,
+                     backend="inline")
+    d = cell_dir(tmp_path, lean.cells[0].cell_id)
+    assert not (d / "requests.parquet").exists()
+    full = run_sweep(grid(policies=["random"], save_requests=True), tmp_path, backend="inline")
+    assert (full.ran, full.skipped) == (1, 0) and (d / "requests.parquet").is_file()
+    again = run_sweep(grid(policies=["random"], save_requests=True), tmp_path,
+                      backend="inline")
+    assert (again.ran, again.skipped) == (0, 1)
+
+
+def test_a_cells_scenario_file_reruns_the_cell(tmp_path):
+    # The cell's scenario.yaml carries its seed (it used to keep the grid's base seed, so
+    # `routesim run` on it simulated another seed).
+    res = run_sweep(grid(policies=["random"], seeds=[3, 4]), tmp_path, backend="inline")
+    for cell in res.cells:
+        d = cell_dir(tmp_path, cell.cell_id)
+        again = run(str(d / "scenario.yaml"), seeds=1)
+        summary = json.loads((d / "summary.json").read_text())
+        assert again.summaries[0]["seed"] == cell.seed
+        assert again.summaries[0]["quality_pct_of_reference"] == pytest.approx(
+            summary["quality_pct_of_reference"])
+        assert again.summaries[0]["p95_wait_s"] == pytest.approx(summary["p95_wait_s"])
+
+
+def test_a_relative_data_path_resolves_the_same_from_any_working_directory(
+        tmp_path, monkeypatch):
+    # Beside the scenario file; it used to stay relative when it also existed from the
+    # working directory, so a sweep cell's id (and its path) depended on where it ran.
+    from sim.scenario import load_scenario
+
+    home = tmp_path / "scen"
+    home.mkdir()
+    (home / "data.csv").write_text("x\n")
+    sc = home / "s.yaml"
+    sc.write_text(
+        "name: s\nseed: 1\nduration_s: 10\n"
+        "workload: {source: routerbench, path: data.csv, reference_llm: gpt-4}\n"
+        "arrivals: {kind: poisson, rate_per_s: 1}\n"
+        "llms: [{name: gpt-4, price_in_per_mtok: 10, price_out_per_mtok: 30}]\n"
+    )
+    paths = []
+    for cwd in (home, tmp_path):
+        monkeypatch.chdir(cwd)
+        paths.append(load_scenario(str(sc)).workload.path)
+    assert paths[0] == paths[1] == str((home / "data.csv").resolve())
+
+
+def test_an_unknown_baseline_fails_before_any_run(tmp_path):
+    ran = []
+    with pytest.raises(RouteSimError, match="baseline 'cheapst'") as err:
+        run(grid_scenario(), policies=["random", "cheapest"], seeds=2, out=tmp_path / "o",
+            baseline="cheapst", on_run_done=ran.append)
+    assert err.value.field == "baseline" and ran == [] and not (tmp_path / "o").exists()
+
+
+def grid_scenario():
+    return parse_scenario({"name": "b", "seed": 1, "duration_s": 60,
+                           "arrivals": {"kind": "poisson", "rate_per_s": 1.0},
+                           "llms": [{"name": "gpt-4", "price_in_per_mtok": 10,
+                                     "price_out_per_mtok": 30},
+                                    {"name": "mistral-7b", "price_in_per_mtok": 0.2,
+                                     "price_out_per_mtok": 0.2}]})
