@@ -217,3 +217,27 @@ def test_the_wait_cdf_reads_the_summarys_p95(tmp_path):
     summary = json.loads(next(tmp_path.rglob("summary.json")).read_text())
     assert at95 == pytest.approx(summary["p95_wait_s"])
     assert at95 == pytest.approx(np.percentile(admitted_waits(measured), 95))
+
+
+def test_the_report_shows_the_numbers_in_summary_parquet(run_dir):
+    # Each policy's row in the summary table: quality % and cost % as the mean over its
+    # seeds' rows of summary.parquet, with the 95% t-interval's half-width (2 seeds: t with
+    # 1 degree of freedom, 12.706).
+    import html as html_lib
+
+    import numpy as np
+
+    text = html_lib.unescape(write_run_report(run_dir).read_text(encoding="utf-8"))
+    rows = pl.read_parquet(run_dir / "summary.parquet").filter(pl.col("seed").is_not_null())
+    for policy in ("random", "cheapest"):
+        mine = rows.filter(pl.col("policy") == policy)
+        assert mine.height == 2
+        cells = []
+        for metric in ("quality_pct_of_reference", "cost_pct_of_reference"):
+            v = mine[metric].to_numpy()
+            half = 12.706 * v.std(ddof=1) / np.sqrt(2)
+            cells.append(f"{v.mean():.1f} ± {half:.1f}")
+        row = re.search(rf"<tr><td>{policy}</td><td>2</td><td>([^<]*)</td><td>([^<]*)</td>",
+                        text)
+        assert row is not None, policy
+        assert [row.group(1), row.group(2)] == cells
