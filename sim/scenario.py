@@ -628,7 +628,8 @@ def load_scenario(path: str | Path) -> Scenario:
 
 
 def _resolve_paths(scenario: Scenario, base: Path) -> Scenario:
-    """Relative data paths are relative to the scenario file (not the working directory)."""
+    """Relative data paths (arrival trace, workload data, the workload encoder's model and
+    cache directories) are relative to the scenario file, not the working directory."""
     updates: dict[str, Any] = {}
     arr = scenario.arrivals
     if isinstance(arr, TraceArrivals) and not Path(arr.path).is_absolute():
@@ -640,7 +641,17 @@ def _resolve_paths(scenario: Scenario, base: Path) -> Scenario:
         # what a run (or a sweep cell's id) sees does not depend on where it was started.
         beside = base / wl.path
         chosen = beside if beside.exists() or not Path(wl.path).exists() else Path(wl.path)
-        updates["workload"] = wl.model_copy(update={"path": str(chosen.resolve())})
+        wl = wl.model_copy(update={"path": str(chosen.resolve())})
+        updates["workload"] = wl
+    enc = wl.encoder
+    enc_updates = {
+        name: str((base / value).resolve())
+        for name in ("model_path", "cache_dir")
+        if (value := getattr(enc, name)) and not Path(value).expanduser().is_absolute()
+        and not value.startswith("~")
+    }
+    if enc_updates:
+        updates["workload"] = wl.model_copy(update={"encoder": enc.model_copy(update=enc_updates)})
     return scenario.model_copy(update=updates) if updates else scenario
 
 

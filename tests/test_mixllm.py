@@ -629,3 +629,36 @@ def test_tags_on_a_workload_without_texts_is_an_error_not_a_silent_no_op():
     assert wl.texts is None
     with pytest.raises(PolicyError, match="tags: true needs query texts"):
         make_policy(wl, infos(wl), tags=True)
+
+
+def _with_texts(wl: Workload) -> Workload:
+    import dataclasses
+
+    topics = ("photosynthesis in green plant leaves", "python function sorting a list",
+              "ancient empire trade routes")
+    texts = tuple(f"Question {i}: explain {topics[i % 3]} and its {i % 7}th detail."
+                  for i in range(len(wl.task)))
+    return dataclasses.replace(wl, texts=texts)
+
+
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("torch") is None, reason="torch not installed"
+)
+def test_tags_on_a_workload_with_texts_fine_tunes_and_is_deterministic(tmp_path):
+    wl = _with_texts(make_workload(n=120))
+    enc = {"kind": "hashing", "dim": 32, "cache_dir": str(tmp_path)}
+    plain = make_policy(wl, infos(wl))
+    a = make_policy(wl, infos(wl), tags=True, tag_epochs=1, encoder=enc)
+    b = make_policy(wl, infos(wl), tags=True, tag_epochs=1,
+                    encoder={**enc, "cache_dir": str(tmp_path / "fresh")})
+    assert list(tmp_path.glob("mixllm_encoder/*/linear.npy"))  # a fine-tune ran
+    np.testing.assert_array_equal(a.q_hat, b.q_hat)  # same seed, no cache: same predictions
+    assert not np.array_equal(a.q_hat, plain.q_hat)  # the tag embeddings were used
+
+
+def test_tags_encoder_errors_name_the_policy_param(tmp_path):
+    wl = _with_texts(make_workload(n=60))
+    with pytest.raises(PolicyError, match="mixllm.params.encoder.model_path") as err:
+        make_policy(wl, infos(wl), tags=True,
+                    encoder={"model_path": str(tmp_path / "missing")})
+    assert "workload.encoder" not in str(err.value)

@@ -352,6 +352,27 @@ def test_a_relative_data_path_resolves_the_same_from_any_working_directory(
     assert paths[0] == paths[1] == str((home / "data.csv").resolve())
 
 
+def test_the_encoder_directories_resolve_beside_the_scenario_file(tmp_path, monkeypatch):
+    from sim.scenario import load_scenario
+
+    home = tmp_path / "scen"
+    home.mkdir()
+    sc = home / "s.yaml"
+    sc.write_text(
+        "name: s\nseed: 1\nduration_s: 10\n"
+        "workload: {source: synthetic, encoder: {model_path: models/bert, cache_dir: cache,"
+        " kind: hashing}}\n"
+        "arrivals: {kind: poisson, rate_per_s: 1}\n"
+        "llms: [{name: gpt-4, price_in_per_mtok: 10, price_out_per_mtok: 30}]\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    enc = load_scenario(str(sc)).workload.encoder
+    assert enc.model_path == str((home / "models" / "bert").resolve())
+    assert enc.cache_dir == str((home / "cache").resolve())
+    sc.write_text(sc.read_text().replace("cache_dir: cache", "cache_dir: ~/c"))
+    assert load_scenario(str(sc)).workload.encoder.cache_dir == "~/c"  # the user's home
+
+
 def test_an_unknown_baseline_fails_before_any_run(tmp_path):
     ran = []
     with pytest.raises(RouteSimError, match="baseline 'cheapst'") as err:

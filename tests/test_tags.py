@@ -22,6 +22,7 @@ from sim.tags import (
     TagDomains,
     Tagger,
     TemplateLines,
+    _content_runs,
     question_part,
 )
 
@@ -39,6 +40,14 @@ BIO = [
     "Why do plant cells need chloroplasts for photosynthesis?",
     "How does sunlight drive photosynthesis in plant leaves?",
     "Which pigment in plant leaves absorbs light for photosynthesis?",
+]
+HISTORY = [
+    "Which empire built the aqueducts that supplied ancient cities with water?",
+    "Why did the empire collapse after the long siege of its ancient capital?",
+    "Which ancient empire minted coins bearing the emperor's portrait?",
+    "How did the ancient empire govern its distant provinces?",
+    "What caused the ancient empire's trade routes to decline?",
+    "Which ancient capital was besieged by the empire's rivals?",
 ]
 CODE = [
     "Write a python function to reverse a linked list.",
@@ -165,11 +174,93 @@ def test_hashing_fine_tune_pulls_domains_together(tmp_path):
     again = fine_tune(texts, evals, encoder=enc, train_rows=train, seed=1, settings=settings)
     assert again.cached
     np.testing.assert_array_equal(again.embeddings, z)
-    # same seed, no cache: the same weights again (batches come from the seeded generator)
-    fresh = fine_tune(texts, evals, encoder=enc, train_rows=train, seed=1, settings=settings,
-                      cache_dir=str(tmp_path / "other"))
-    assert not fresh.cached
-    np.testing.assert_allclose(fresh.embeddings, z, atol=1e-6)
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="torch not installed")
+def test_fine_tune_is_seeded(tmp_path):
+    """Batches smaller than the training set, so batch order matters: the same seed gives the
+    same weights without the cache, another seed other weights."""
+    texts = BIO + CODE + HISTORY
+    evals = ["bio"] * 6 + ["code"] * 6 + ["history"] * 6
+    enc = EncoderSpec(kind="hashing", dim=64)
+    settings = FineTuneSettings(epochs=5, n_domains=3, batch_size=4, learning_rate=0.05,
+                                anchor_weight=0.1)
+
+    def run(seed, where):
+        return fine_tune(texts, evals, encoder=enc, train_rows=np.arange(18), seed=seed,
+                         settings=settings, cache_dir=str(tmp_path / where))
+
+    first, again, other = run(1, "a"), run(1, "b"), run(2, "c")
+    assert not (first.cached or again.cached or other.cached)
+    np.testing.assert_array_equal(again.embeddings, first.embeddings)
+    assert np.abs(other.embeddings - first.embeddings).max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        pytest.param("hashing", marks=pytest.mark.skipif(not HAS_TORCH, reason="no torch")),
+        pytest.param("transformer", marks=pytest.mark.skipif(
+            not HAS_TRANSFORMER, reason="torch/transformers/weights not installed")),
+    ],
+)
+def test_fine_tune_sees_only_training_rows(tmp_path, kind):
+    """Rewriting the queries outside train_rows changes neither the training rows' domains
+    nor, for the transformer kind, the trained encoder (the hashing kind's word weights
+    read every text, as documented, so its training-row embeddings may move)."""
+    texts = BIO + CODE
+    enc = EncoderSpec(kind=kind, dim=64, max_tokens=32)
+    settings = FineTuneSettings(epochs=2, n_domains=2, batch_size=3)
+    train = np.arange(0, 12, 2)
+    a = fine_tune(texts, None, encoder=enc, train_rows=train, seed=0, settings=settings,
+                  cache_dir=str(tmp_path / "a"))
+    changed = list(texts)
+    for i in range(1, 12, 2):
+        changed[i] = "Quantum chromodynamics of gluon plasma inside neutron stars?"
+    b = fine_tune(changed, None, encoder=enc, train_rows=train, seed=0, settings=settings,
+                  cache_dir=str(tmp_path / "b"))
+    assert not b.cached
+    np.testing.assert_array_equal(a.domains, b.domains)
+    if kind == "transformer":
+        np.testing.assert_allclose(a.embeddings[train], b.embeddings[train], atol=1e-5)
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="torch not installed")
+def test_hashing_fine_tune_leaves_the_global_torch_stream_alone(tmp_path):
+    import torch
+
+    enc = EncoderSpec(kind="hashing", dim=16, cache_dir=str(tmp_path))
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    fine_tune(BIO + CODE, None, encoder=enc, train_rows=np.arange(12), seed=0,
+              settings=FineTuneSettings(epochs=1, n_domains=2, batch_size=6))
+    assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="torch not installed")
+def test_damaged_cached_weights_are_retrained(tmp_path):
+    enc = EncoderSpec(kind="hashing", dim=16, cache_dir=str(tmp_path))
+    kw = dict(encoder=enc, train_rows=np.arange(12), seed=0,
+              settings=FineTuneSettings(epochs=2, n_domains=2, batch_size=6))
+    first = fine_tune(BIO + CODE, None, **kw)
+    for f in tmp_path.glob("mixllm_encoder/*.npy"):  # embeddings: a zero-byte file
+        f.write_bytes(b"")
+    for f in tmp_path.glob("mixllm_encoder/*/linear.npy"):  # weights: garbage
+        f.write_bytes(b"\x93NUMPY garbage")
+    again = fine_tune(BIO + CODE, None, **kw)
+    assert not again.cached and again.losses  # both caches were unreadable: trained again
+    np.testing.assert_array_equal(again.embeddings, first.embeddings)
+
+
+@pytest.mark.parametrize(
+    "setting, value",
+    [("temperature", 0.0), ("batch_size", 0), ("epochs", 0), ("learning_rate", float("nan")),
+     ("anchor_weight", -1.0), ("n_domains", 2.5)],
+)
+def test_fine_tune_settings_are_checked(setting, value):
+    with pytest.raises(RouteSimError, match=setting):
+        FineTuneSettings(**{setting: value})
 
 
 def test_fine_tune_rejects_bad_rows(tmp_path):
@@ -222,3 +313,67 @@ def test_unknown_setting_and_custom_tagger(tmp_path):
                     settings=FineTuneSettings(epochs=1, n_domains=2, batch_size=12),
                     tagger=TopicTagger())
     assert len(set(res.domains[:6])) == 1 and res.domains[0] != res.domains[6]
+
+
+def test_tagger_reads_letters_of_any_script_and_line_starts():
+    tagger = KeyphraseTagger(include_eval_name=False)
+    (tags,) = tagger.tags(["Quel résumé du café parisien?"], None)
+    words = {w for t in tags for w in t.split()}
+    assert {"résumé", "café", "parisien"} <= words  # not "sum" and "caf"
+    assert tagger.tags(["Какая планета ближе всего к Солнцу?"], None)[0]
+    # a capitalised word opening a line starts a sentence: not a name (unfitted, the
+    # tagger has no corpus telling it whether the word is ever written in lower case)
+    runs = _content_runs("Consider the reaction below\nPhotosynthesis converts sunlight", 3)
+    assert ["photosynthesis", "converts", "sunlight"] in runs
+    # and a line break ends a phrase, as a full stop does
+    assert _content_runs("chemical reaction\nwater cycle", 3) == [
+        ["chemical", "reaction"], ["water", "cycle"]]
+
+
+def test_a_query_without_tags_has_no_domain():
+    from sim.tags import NO_DOMAIN
+
+    tags = [["python"], ["leaf"], []]
+    domains = TagDomains.fit(tags, fake_embed, n_domains=2, seed=0)
+    d = domains.assign(tags, fake_embed)
+    assert d[2] == NO_DOMAIN and d[0] != d[1] and NO_DOMAIN not in d[:2]
+
+
+def test_supcon_loss_never_pairs_queries_without_a_domain():
+    torch = pytest.importorskip("torch")
+    z = torch.nn.functional.normalize(torch.tensor(
+        [[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.1, 1.0]]), dim=1)
+    # two queries without a domain are not positives of each other: only 0-1 pairs count
+    with_none = supcon_loss(torch, z, torch.tensor([0, 0, -1, -1]), 0.5)
+    rows_01 = supcon_loss(torch, z, torch.tensor([0, 0, 1, 2]), 0.5)
+    assert float(with_none) == pytest.approx(float(rows_01))
+    assert float(supcon_loss(torch, z, torch.tensor([-1, -1, -1, -1]), 0.5)) == 0.0
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="torch not installed")
+def test_cache_key_follows_the_tags_not_the_tagger(tmp_path):
+    """Two taggers that print alike but tag differently never share a fine-tune; one that
+    tags alike on a second run reuses it."""
+    enc = EncoderSpec(kind="hashing", dim=32, cache_dir=str(tmp_path))
+    settings = FineTuneSettings(epochs=3, n_domains=2, batch_size=4, learning_rate=0.05)
+
+    class Lookup:  # no repr of its own: the default one differs per object
+        def __init__(self, split):
+            self.split = split
+
+        def tags(self, texts, eval_names):
+            return [["a"] if i < self.split else ["b"] for i in range(len(texts))]
+
+    kw = dict(encoder=enc, train_rows=np.arange(12), seed=0, settings=settings)
+    first = fine_tune(BIO + CODE, None, tagger=Lookup(6), **kw)
+    assert fine_tune(BIO + CODE, None, tagger=Lookup(6), **kw).cached
+    other = fine_tune(BIO + CODE, None, tagger=Lookup(3), **kw)
+    assert not other.cached
+    assert np.abs(other.embeddings - first.embeddings).max() > 1e-3
+
+
+def test_fine_tune_rejects_a_boolean_mask(tmp_path):
+    enc = EncoderSpec(kind="hashing", dim=16, cache_dir=str(tmp_path))
+    with pytest.raises(RouteSimError, match="flatnonzero"):
+        tag_enhanced_embeddings(BIO, None, encoder=enc, seed=0,
+                                train_rows=np.array([True] * 4 + [False] * 2))

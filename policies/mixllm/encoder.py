@@ -62,6 +62,7 @@ from sim.embeddings import (
     progress_bar,
     save_array,
     texts_digest,
+    token_limit,
     transformer_embed,
 )
 from sim.errors import RouteSimError
@@ -72,7 +73,7 @@ log = logging.getLogger(__name__)
 
 # Part of the cache key: bump when tagging, domains or training change what the same
 # settings produce, so stale fine-tunes are never reused.
-_ALGORITHM_VERSION = 2
+_ALGORITHM_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,27 @@ class FineTuneSettings:
     max_tokens: int = 128
     max_tags: int = 5
     train_layers: int = 2  # top transformer layers fine-tuned (the rest stay frozen)
+
+    def __post_init__(self) -> None:
+        positive = ("epochs", "n_domains", "batch_size", "max_tokens", "max_tags", "train_layers")
+        for name in positive:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise RouteSimError(
+                    f"fine-tune setting {name}={v!r} must be an integer >= 1", field=name
+                )
+        for name in ("temperature", "learning_rate"):
+            v = getattr(self, name)
+            if not (isinstance(v, int | float) and np.isfinite(v) and v > 0):
+                raise RouteSimError(
+                    f"fine-tune setting {name}={v!r} must be a finite number > 0", field=name
+                )
+        v = self.anchor_weight
+        if not (isinstance(v, int | float) and np.isfinite(v) and v >= 0):
+            raise RouteSimError(
+                f"fine-tune setting anchor_weight={v!r} must be a finite number >= 0",
+                field="anchor_weight",
+            )
 
 
 @dataclass(frozen=True)
@@ -117,7 +139,8 @@ def tag_enhanced_embeddings(
 
     The tagger, the domains and the fine-tune see only `train_rows`; the fine-tuned encoder
     then embeds every text. Extra keyword arguments set `FineTuneSettings` fields
-    (n_domains, temperature, anchor_weight, learning_rate, batch_size, max_tokens, max_tags).
+    (n_domains, temperature, anchor_weight, learning_rate, batch_size, max_tokens, max_tags,
+    train_layers).
     """
     known = set(FineTuneSettings.__dataclass_fields__) - {"epochs"}
     unknown = sorted(set(settings) - known)
@@ -148,11 +171,18 @@ def fine_tune(
     """`tag_enhanced_embeddings` with explicit settings and a report of what happened.
 
     `tagger` replaces the default `KeyphraseTagger` (fitted here on the training questions);
-    a given tagger is used as it is, and its repr is part of the cache key.
+    a given tagger is used as it is. The training queries' tags are part of the cache key,
+    so whichever tagger gave them, other tags never reuse a fine-tune.
     """
     texts = [str(t) for t in texts]
     n = len(texts)
-    train_rows = np.asarray(train_rows, dtype=np.int64)
+    train_rows = np.asarray(train_rows)
+    if train_rows.dtype == bool or not np.issubdtype(train_rows.dtype, np.integer):
+        raise RouteSimError(
+            f"train_rows must be integer row indices, not {train_rows.dtype} values (for a "
+            f"boolean mask pass np.flatnonzero(mask))", field="train_rows",
+        )
+    train_rows = train_rows.astype(np.int64).ravel()
     if cache_dir:  # one cache for everything this computes (tag embeddings included)
         encoder = encoder.model_copy(update={"cache_dir": cache_dir})
     if eval_names is not None and len(eval_names) != n:
@@ -165,16 +195,20 @@ def fine_tune(
             f"{train_rows.size} rows", field="train_rows",
         )
     questions = encoder_inputs(texts, train_rows)
-    max_tokens = min(settings.max_tokens, encoder.max_tokens)
+    max_tokens = min(settings.max_tokens, token_limit(encoder))
     train_q = [questions[i] for i in train_rows]
     train_ev = None if eval_names is None else [str(eval_names[i]) for i in train_rows]
+    if tagger is None:
+        tagger = KeyphraseTagger(max_tags=settings.max_tags).fit(train_q)
+    # Tagging is cheap next to the fine-tune, so the tags themselves key the cache.
+    train_tags = tagger.tags(train_q, train_ev)
     identity = encoder_identity(encoder)
     weights_key = cache_key(
         "mixllm-tag-encoder", _ALGORITHM_VERSION, identity, asdict(settings), max_tokens, seed,
         texts_digest(train_q), texts_digest(train_ev or []),
         # the hashing encoder's idf depends on every text, so its weights do too
         texts_digest(questions) if encoder.kind == "hashing" else "",
-        *([repr(tagger)] if tagger is not None else []),
+        texts_digest(["\x1f".join(t) for t in train_tags]),
     )
     root = cache_root(encoder.cache_dir) / "mixllm_encoder"
     emb_path = root / f"{weights_key}-{cache_key(texts_digest(texts))}.npy"
@@ -188,9 +222,12 @@ def fine_tune(
     start = time.perf_counter()
     ss = np.random.SeedSequence(seed)
     domain_ss, order_ss = ss.spawn(2)
-    if tagger is None:
-        tagger = KeyphraseTagger(max_tags=settings.max_tags).fit(train_q)
-    train_tags = tagger.tags(train_q, train_ev)
+    if not any(train_tags):
+        raise RouteSimError(
+            f"the tagger gave none of the {train_rows.size} training queries a tag, so there "
+            f"are no domains to fine-tune toward; give it texts with content words or set "
+            f"tags: false", field="mixllm.params.tags",
+        )
 
     torch = _import_torch(encoder)
     backbone = _backbone(encoder, questions, max_tokens, settings.train_layers)
@@ -211,6 +248,12 @@ def fine_tune(
         backbone.save(weights_dir)
         log.info("trained %d epochs: %.1f s", settings.epochs, time.perf_counter() - start)
     out = backbone.embed_rows(np.arange(n), batch_size=encoder.batch_size, progress=progress)
+    if not np.isfinite(out).all():  # never cache (or route on) a diverged fine-tune
+        raise RouteSimError(
+            f"the tag-enhanced fine-tune diverged (non-finite embeddings) with settings "
+            f"{asdict(settings)}; lower learning_rate or raise temperature",
+            field="mixllm.params.encoder",
+        )
     save_array(emb_path, out)
     seconds = time.perf_counter() - start
     log.info("tag-enhanced encoder: %d training queries, %d domains, %.1f s",
@@ -228,12 +271,14 @@ def encoder_inputs(texts: Sequence[str], train_rows: np.ndarray) -> list[str]:
 
 # ----------------------------------------------------------------------------- training
 def supcon_loss(torch, z, labels, temperature: float):
-    """Supervised-contrastive loss of unit vectors `z` with domain `labels` (torch)."""
+    """Supervised-contrastive loss of unit vectors `z` with domain `labels` (torch); a
+    label below 0 (no domain) only ever appears in denominators."""
     b = z.shape[0]
     eye = torch.eye(b, dtype=torch.bool)
     logits = (z @ z.T / temperature).masked_fill(eye, float("-inf"))
     log_prob = (logits - torch.logsumexp(logits, dim=1, keepdim=True)).masked_fill(eye, 0.0)
-    pos = (labels[:, None] == labels[None, :]) & ~eye
+    # A query without a domain (NO_DOMAIN) is nobody's positive, not even another's like it.
+    pos = (labels[:, None] == labels[None, :]) & ~eye & (labels >= 0)[:, None]
     n_pos = pos.sum(dim=1)
     has_pos = n_pos > 0
     if not bool(has_pos.any()):
@@ -442,7 +487,7 @@ class _TransformerBackbone:
         try:
             tuned = transformers.AutoModel.from_pretrained(weights_dir, local_files_only=True)
             self.model.load_state_dict(tuned.state_dict())
-        except (OSError, ValueError, RuntimeError) as exc:
+        except Exception as exc:  # any damage to a cache means: compute again
             log.warning("ignoring unreadable cached encoder %s: %s", weights_dir, exc)
             return False
         return True
@@ -465,12 +510,12 @@ class _HashingBackbone:
 
         self.dim, self.max_words = dim, max_words
         self.features = torch.from_numpy(hashing_embed(questions, dim=dim, max_words=max_words))
-        self.linear = torch.nn.Linear(dim, dim, bias=False)
-        with torch.no_grad():
-            self.linear.weight.copy_(torch.eye(dim))
+        # Built as the identity directly: a torch.nn.Linear would first draw random weights
+        # from torch's global generator, moving its caller's random stream.
+        self.weight = torch.nn.Parameter(torch.eye(dim))
 
     def parameters(self):
-        return self.linear.parameters()
+        return [self.weight]
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         return hashing_embed(texts, dim=self.dim, max_words=self.max_words)
@@ -490,10 +535,10 @@ class _HashingBackbone:
     def forward(self, rows: np.ndarray):
         import torch
 
-        return torch.nn.functional.normalize(self.linear(self.features[rows]), dim=1)
+        return torch.nn.functional.normalize(self.features[rows] @ self.weight.T, dim=1)
 
     def save(self, weights_dir: Path) -> None:
-        w = self.linear.weight.detach().numpy()
+        w = self.weight.detach().numpy()
         _atomic_dir(weights_dir, lambda tmp: np.save(Path(tmp) / "linear.npy", w))
 
     def load(self, weights_dir: Path) -> bool:
@@ -502,11 +547,15 @@ class _HashingBackbone:
         f = weights_dir / "linear.npy"
         if not f.is_file():
             return False
-        w = np.load(f, allow_pickle=False)
-        if w.shape != (self.dim, self.dim):
+        try:
+            w = np.load(f, allow_pickle=False)
+        except Exception as exc:  # any damage to a cache means: compute again
+            log.warning("ignoring unreadable cached encoder %s: %s", weights_dir, exc)
+            return False
+        if w.shape != (self.dim, self.dim) or not np.isfinite(w).all():
             return False
         with torch.no_grad():
-            self.linear.weight.copy_(torch.from_numpy(w))
+            self.weight.copy_(torch.from_numpy(w))
         return True
 
 

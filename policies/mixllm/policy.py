@@ -106,7 +106,7 @@ from policies.mixllm.predictors import (
     query_design,
 )
 from policies.registry import register
-from sim.errors import PolicyError
+from sim.errors import PolicyError, RouteSimError
 from sim.scenario import EncoderSpec
 from sim.types import ClusterView, Decision, Feedback, LLMInfo, PolicyContext, Query
 
@@ -440,26 +440,30 @@ class MixLLMPolicy(BasePolicy):
             # Tags are learned from query texts; silently running without them would make a
             # tags-on ablation identical to tags-off.
             raise PolicyError(_TAGS_NEED_TEXTS, field="mixllm.params.tags")
-        try:
-            from policies.mixllm.encoder import tag_enhanced_embeddings
-        except ImportError as exc:  # torch / transformers missing
-            raise PolicyError(
-                f"tags: true needs the tag-enhanced encoder, which could not be imported "
-                f"({exc}); install the embed extra (pip install 'routesim[embed]') or set "
-                f"tags: false",
-                field="mixllm.params.tags",
-            ) from None
+        from policies.mixllm.encoder import tag_enhanced_embeddings
+
         eval_names = [ctx.task_names[t] for t in ctx.task]
         kwargs = {} if p.tag_epochs is None else {"epochs": p.tag_epochs}
-        return tag_enhanced_embeddings(
-            list(ctx.texts),
-            eval_names,
-            encoder=p.encoder,
-            train_rows=train_rows,
-            seed=self._seed,
-            cache_dir=ctx.cache_dir,
-            **kwargs,
-        )
+        try:
+            return tag_enhanced_embeddings(
+                list(ctx.texts),
+                eval_names,
+                encoder=p.encoder,
+                train_rows=train_rows,
+                seed=self._seed,
+                cache_dir=ctx.cache_dir,
+                **kwargs,
+            )
+        except RouteSimError as exc:
+            if not (exc.field or "").startswith("workload.encoder"):
+                raise
+            # The tag encoder is this policy's own `encoder` param, not the workload's: the
+            # shared message would send the user to the wrong setting.
+            fixed = exc.message.replace("workload.encoder", "mixllm.params.encoder")
+            raise PolicyError(
+                f"tags: true fine-tunes a text encoder, which failed: {fixed}; or set tags: "
+                f"false", field=(exc.field or "").replace("workload.", "mixllm.params.", 1),
+            ) from None
 
     def _fit_column(self, col: int, fit_idx: np.ndarray, *, prior: tuple | None = None) -> None:
         """Fit (or fetch from the cache) the predictors of workload column `col`."""
