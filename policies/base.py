@@ -13,11 +13,15 @@ from pydantic import BaseModel, ConfigDict
 
 from sim.types import Answer, ClusterView, Decision, Feedback, LLMInfo, PolicyContext, Query
 
+# Every policy's Params: unknown keys are errors, params never change after validation, and
+# .inf / .nan are refused (a YAML `beta: .inf` would otherwise run, routing nonsense).
+PARAMS_CONFIG = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
 
 class NoParams(BaseModel):
     """Params model for policies without parameters (any key is an error)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = PARAMS_CONFIG
 
 
 @runtime_checkable

@@ -11,9 +11,9 @@ from __future__ import annotations
 from typing import ClassVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
-from policies.base import BasePolicy
+from policies.base import PARAMS_CONFIG, BasePolicy
 from policies.quality_model import available
 from policies.registry import register
 from sim.errors import PolicyError
@@ -57,7 +57,7 @@ class RoundRobinPolicy(BasePolicy):
 
 
 class _PriceParams(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = PARAMS_CONFIG
     output_share: float = Field(
         0.5,
         ge=0,

@@ -28,8 +28,9 @@ from itertools import combinations
 from typing import ClassVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
+from policies.base import PARAMS_CONFIG
 from policies.quality_model import (
     LearnedRouter,
     ValidationTruth,
@@ -72,7 +73,7 @@ def _accepts(p_good, tau: float):
 
 
 class CascadeParams(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = PARAMS_CONFIG
 
     accept_threshold: float | None = Field(default=None, ge=0, le=1)  # None: on validation
     chain: tuple[str, ...] | None = None  # deployment names, cheapest first; None: learned

@@ -17,8 +17,9 @@ from __future__ import annotations
 from typing import ClassVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
+from policies.base import PARAMS_CONFIG
 from policies.quality_model import (
     C_GRID,
     LearnedRouter,
@@ -51,7 +52,7 @@ TARGET_GRID: tuple[float, ...] = (
 
 
 class OptLLMParams(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = PARAMS_CONFIG
 
     target: float | None = Field(default=None, ge=0, le=1)  # None: chosen on validation
     kappa: float = Field(default=1.0, ge=0)  # std-devs subtracted from the mean success

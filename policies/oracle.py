@@ -5,16 +5,16 @@ from __future__ import annotations
 from typing import ClassVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 
-from policies.base import BasePolicy
+from policies.base import PARAMS_CONFIG, BasePolicy
 from policies.quality_model import available
 from policies.registry import register
 from sim.types import ClusterView, Decision, PolicyContext, Query
 
 
 class OracleParams(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = PARAMS_CONFIG
 
 
 @register

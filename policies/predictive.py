@@ -18,8 +18,9 @@ from __future__ import annotations
 from typing import ClassVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
+from policies.base import PARAMS_CONFIG
 from policies.quality_model import (
     LearnedRouter,
     ValidationTruth,
@@ -110,7 +111,7 @@ def _argmax_available(score: np.ndarray, ok: np.ndarray) -> int:
 
 
 class KNNParams(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = PARAMS_CONFIG
 
     willingness_to_pay: float | None = Field(default=None, gt=0)  # None: chosen on validation
     k: int | None = Field(default=None, ge=1)  # neighbours; None: chosen on validation
@@ -147,7 +148,7 @@ class KNNRouter(_PredictiveRouter):
 
 
 class MLPParams(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = PARAMS_CONFIG
 
     willingness_to_pay: float | None = Field(default=None, gt=0)  # None: chosen on validation
     hidden: int = Field(default=128, ge=1)  # units of the one shared hidden layer

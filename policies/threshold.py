@@ -20,8 +20,9 @@ from __future__ import annotations
 from typing import ClassVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
+from policies.base import PARAMS_CONFIG
 from policies.quality_model import (
     C_GRID,
     LearnedRouter,
@@ -39,7 +40,7 @@ SHARE_GRID: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(21))
 
 
 class ThresholdParams(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = PARAMS_CONFIG
 
     strong_share: float | None = Field(default=None, ge=0, le=1)  # None: chosen on validation
     strong: str | None = None  # deployment name; default: the reference LLM

@@ -127,7 +127,7 @@ def discover_runs(out_dir: str | Path) -> list[ScenarioRuns]:
         for summary_path in sorted(sdir.glob("*/seed*/summary.json")):
             try:
                 summary = json.loads(summary_path.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError) as exc:
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
                 raise RouteSimError(
                     f"unreadable summary: {exc}", source=str(summary_path)
                 ) from None
@@ -135,8 +135,14 @@ def discover_runs(out_dir: str | Path) -> list[ScenarioRuns]:
                 raise RouteSimError(
                     "not a routesim summary (needs keys policy and seed)", source=str(summary_path)
                 )
+            seed = summary["seed"]
+            if isinstance(seed, bool) or not isinstance(seed, int):
+                raise RouteSimError(
+                    f"not a routesim summary: seed is {seed!r}, not an integer",
+                    source=str(summary_path), field="seed",
+                )
             scen = str(summary.get("scenario"))
-            key = (scen, str(summary["policy"]), int(summary["seed"]))
+            key = (scen, str(summary["policy"]), seed)
             # Only a scenario summary.parquet lists has a known set of finished runs; one it
             # does not list (written by an older routesim, or by another process meanwhile)
             # is reported whole rather than dropped.

@@ -13,6 +13,7 @@ import numpy as np
 
 from sim.errors import DataError
 from sim.scenario import (
+    MAX_EVENTS,
     Arrivals,
     DiurnalArrivals,
     MMPPArrivals,
@@ -135,6 +136,12 @@ def trace_times(spec: TraceArrivals, duration_s: float) -> np.ndarray:
             source=str(path),
             field="arrivals.column",
         )
+    if df[col].dtype == pl.Boolean:  # true/false would cast to 1/0 seconds
+        raise DataError(
+            f"column {col!r} holds true/false values, not timestamps in seconds",
+            source=str(path),
+            field="arrivals.column",
+        )
     try:
         t = df[col].cast(pl.Float64, strict=True).to_numpy()
     except Exception:
@@ -143,9 +150,16 @@ def trace_times(spec: TraceArrivals, duration_s: float) -> np.ndarray:
             source=str(path),
             field="arrivals.column",
         ) from None
-    if np.isnan(t).any() or (t < 0).any():
+    if t.size == 0:
         raise DataError(
-            f"column {col!r} has missing or negative timestamps; seconds >= 0 required",
+            f"column {col!r} has no timestamps (the file has a header and no rows)",
+            source=str(path),
+            field="arrivals.path",
+        )
+    if not np.isfinite(t).all() or (t < 0).any():
+        raise DataError(
+            f"column {col!r} has missing, infinite or negative timestamps; finite seconds "
+            ">= 0 required",
             source=str(path),
             field="arrivals.column",
         )
@@ -164,8 +178,17 @@ def trace_times(spec: TraceArrivals, duration_s: float) -> np.ndarray:
         # join without piling arrivals on one instant; simultaneous arrivals are kept.
         gaps = np.diff(t)
         period = float(t[-1] - t[0] + np.median(gaps[gaps > 0]))
-        reps = int(np.ceil(duration_s / period)) + 1
-        t = np.concatenate([t + i * period for i in range(reps)])
+        reps = np.ceil(duration_s / period) + 1
+        if reps * t.size > MAX_EVENTS:
+            raise DataError(
+                f"looping this trace ({t.size} timestamps over {period:.3g} s after "
+                f"time_scale) to duration_s={duration_s:g} gives {reps * t.size:.3g} "
+                f"arrivals; at most {MAX_EVENTS:.0e} per run (raise arrivals.time_scale or "
+                "shorten the run)",
+                source=str(path),
+                field="arrivals.loop",
+            )
+        t = np.concatenate([t + i * period for i in range(int(reps))])
     if t.size and not (t < duration_s).any():
         raise DataError(
             f"no timestamp falls in the run: the first is {t[0]:g} s (after time_scale) and "

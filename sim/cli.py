@@ -49,7 +49,7 @@ def fail(exc: BaseException) -> None:
 
 
 @contextmanager
-def _terminate_as_exit():
+def terminate_as_exit():
     """SIGTERM (a `timeout`, a CI cancel, a batch scheduler) unwinds like Ctrl-C, so the
     runner removes its staged outputs; Python's default would end the process on the spot."""
     if threading.current_thread() is not threading.main_thread():
@@ -148,7 +148,7 @@ def run(
         try:
             # `policy`, not `specs`: errors then name the entry as written (policies.1, or
             # --policy).
-            with _terminate_as_exit():
+            with terminate_as_exit():
                 res = run_all(sc, policy, seeds, out, keep_requests=False,
                               on_progress=on_progress, on_run_done=on_done,
                               baseline=baseline or labels[0])
@@ -193,6 +193,11 @@ def validate(
             from sim.arrivals import trace_times
 
             trace_times(sc.arrivals, sc.duration_s)
+        if sc.workload.source == "routerbench" and sc.workload.path:  # as a run checks it
+            from sim.routerbench import check_table
+
+            check_table(Path(sc.workload.path),
+                        [s.model_name for s in sc.all_llms()])
     except RouteSimError as exc:
         fail(exc.with_source(_source_of(file)))
     console.print(

@@ -127,10 +127,22 @@ class GrowingColumns:
         return pl.DataFrame(self._data, schema=schema)
 
 
+# Files written next to scenario and policy directories (a directory of one of these names
+# would collide with them).
+RESERVED_NAMES = frozenset({
+    "summary.parquet", "report.html", "scenario.yaml", "summary.json", "requests.parquet",
+    "timeline.parquet", "events.parquet", "sweep.parquet", "sweep_report.html", "plan.json",
+    "plan.html",
+})
+
+
 # ----------------------------------------------------------------------------- atomic I/O
 def check_out_dir(path: str | Path, *, field: str = "out") -> None:
     """Raise unless `path` is or can become a directory: checked before any work, so a
     mistyped --out fails at once rather than after the whole simulation."""
+    if str(path).strip() == "":
+        raise RouteSimError("is empty; give a new or existing directory (. for the current "
+                            "one)", field=field)
     p = Path(path)
     for q in (p, *p.parents):
         if q.is_symlink() and not q.exists():
@@ -142,13 +154,22 @@ def check_out_dir(path: str | Path, *, field: str = "out") -> None:
             where = "exists and is not a directory" if q == p else f"{q} is not a directory"
             raise RouteSimError(f"{where}; give a new or existing directory",
                                 source=str(p), field=field)
+        # The deepest existing directory is where outputs (or their parents) get created.
+        if not os.access(q, os.W_OK | os.X_OK):
+            where = "is" if q == p else f"would be created in {q}, which is"
+            raise RouteSimError(f"{where} not writable by this user; give a writable "
+                                "directory", source=str(p), field=field)
         return
 
 
 def _atomic(path: Path, write: Callable[[Path], None]) -> None:
     """Write through a temp file in the same directory, then rename (no partial files)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:  # unwritable, a full disk, a file where a directory should be
+        raise RouteSimError(f"cannot write {path}: {exc.strerror or exc}",
+                            source=str(path), field="out") from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:

@@ -89,34 +89,7 @@ def load_routerbench_workload(
     source = str(path)
     df = read_table(path)
     models = list(dict.fromkeys(models))
-    if not models:
-        raise DataError("no models selected: the scenario lists no LLMs", source=source)
-    for col in ("prompt", "eval_name"):
-        if col not in df.columns:
-            raise DataError(
-                f"missing required column {col!r}; the table has columns: "
-                f"{_show_columns(df.columns)}",
-                source=source,
-                field=col,
-            )
-    present = models_in_table(df.columns)
-    if not present:
-        raise DataError(
-            "no score columns: expected per-model columns 'MODEL|score' (with 'MODEL|cost') "
-            "or RouterBench's 'MODEL' with 'MODEL|total_cost'; the table has columns: "
-            f"{_show_columns(df.columns)}",
-            source=source,
-            field="MODEL|score",
-        )
-    for m in models:
-        if m not in present:
-            raise DataError(
-                f"model {m!r} (named by the scenario) has no data in this file; models in "
-                f"the file: {', '.join(present)}",
-                source=source,
-                field=f"{m}|score",
-            )
-
+    present = check_columns(df.columns, models, source)
     score_cols = [present[m] for m in models]
     scores = np.column_stack([_numeric(df, c, source) for c in score_cols])
     for j, c in enumerate(score_cols):
@@ -186,6 +159,59 @@ def load_routerbench_workload(
 
 
 # ------------------------------------------------------------------------------ reading
+def check_columns(columns: Sequence[str], models: Sequence[str], source: str) -> dict[str, str]:
+    """Model name -> score column, after checking the table has the required columns and a
+    score column for every model in `models`."""
+    if not models:
+        raise DataError("no models selected: the scenario lists no LLMs", source=source)
+    df_columns = list(columns)
+    for col in ("prompt", "eval_name"):
+        if col not in df_columns:
+            raise DataError(
+                f"missing required column {col!r}; the table has columns: "
+                f"{_show_columns(df_columns)}",
+                source=source,
+                field=col,
+            )
+    present = models_in_table(df_columns)
+    if not present:
+        raise DataError(
+            "no score columns: expected per-model columns 'MODEL|score' (with 'MODEL|cost') "
+            "or RouterBench's 'MODEL' with 'MODEL|total_cost'; the table has columns: "
+            f"{_show_columns(df_columns)}",
+            source=source,
+            field="MODEL|score",
+        )
+    for m in models:
+        if m not in present:
+            raise DataError(
+                f"model {m!r} (named by the scenario) has no data in this file; models in "
+                f"the file: {', '.join(present)}",
+                source=source,
+                field=f"{m}|score",
+            )
+    return present
+
+
+def check_table(path: Path, models: Sequence[str]) -> None:
+    """The checks `load_routerbench_workload` starts with, on the header alone (for
+    `routesim validate`: a data file it accepts is one a run can start from)."""
+    source = str(path)
+    if not path.is_file():
+        raise DataError("no such data file", source=source, field="workload.path")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".csv":
+            columns = pl.read_csv(path, n_rows=0).columns
+        elif suffix in (".parquet", ".pq"):
+            columns = list(pl.read_parquet_schema(path))
+        else:
+            columns = read_table(path).columns  # raises: unsupported type
+    except (pl.exceptions.PolarsError, OSError, ValueError) as exc:
+        raise DataError(f"cannot read the table: {exc}", source=source) from None
+    check_columns(columns, list(dict.fromkeys(models)), source)
+
+
 def read_table(path: Path) -> pl.DataFrame:
     """The whole table; CSV (types inferred from every row) or parquet, by file suffix."""
     source = str(path)

@@ -28,7 +28,7 @@ import polars as pl
 from sim.engine import Simulation, prepare_inputs, subsystem_seed
 from sim.errors import PolicyError, RouteSimError
 from sim.metrics import summarize
-from sim.record import check_out_dir, write_json, write_parquet, write_text
+from sim.record import RESERVED_NAMES, check_out_dir, write_json, write_parquet, write_text
 from sim.scenario import (
     DEFAULT_SCENARIO,
     PolicySpec,
@@ -146,6 +146,12 @@ def safe_dirname(label: str, *, field: str | None = None) -> str:
             "or '-', and not only dots",
             field=field,
         )
+    if name.lower() in RESERVED_NAMES:
+        raise RouteSimError(
+            f"{label!r} is the name of a file routesim writes beside the run directories; "
+            f"choose another (reserved: {', '.join(sorted(RESERVED_NAMES))})",
+            field=field,
+        )
     return name
 
 
@@ -189,7 +195,7 @@ def run(
     out_dir = Path(out) if out is not None else None
     staging = None
     if out_dir is not None:
-        check_out_dir(out_dir)
+        check_out_dir(out)  # as given: Path("") would already be "."
         staging = _Staging(out_dir, scenario.name)
     where = "--policy" if policies else "policies"
     summaries: list[dict[str, Any]] = []
@@ -235,7 +241,10 @@ def run(
         summary_df = with_comparison(summary_df,
                                      compare(summary_df, baseline or specs[0].display))
         if staging is not None:
-            staging.commit(summary_df, dump_scenario(scenario))
+            # The policies actually run (--policy replaces the file's list), so running the
+            # saved file again runs them again.
+            ran = scenario.model_copy(update={"policies": list(specs)})
+            staging.commit(summary_df, dump_scenario(ran))
     except BaseException:
         if staging is not None:
             staging.abort()

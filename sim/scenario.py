@@ -23,8 +23,9 @@ from pydantic import (
 )
 
 from sim.errors import ScenarioError
+from sim.record import RESERVED_NAMES
 from sim.types import JudgeInfo
-from sim.yamlfile import load_yaml
+from sim.yamlfile import read_yaml_file
 
 
 class Spec(BaseModel):
@@ -35,8 +36,15 @@ class Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
-PosFloat = Annotated[float, Field(gt=0)]
-NonNegFloat = Annotated[float, Field(ge=0)]
+# strict: a quoted "100" is a string, not a number (an int is still a float).
+PosFloat = Annotated[float, Field(gt=0, strict=True)]
+NonNegFloat = Annotated[float, Field(ge=0, strict=True)]
+
+
+# A lognormal's sigma^2 is ln(1 + cv^2): beyond this cv the draws overflow a float.
+MAX_CV = 1000.0
+# Counts are int64 in the engine's arrays; far below 2^63 so sums cannot overflow either.
+MAX_COUNT = 10**9
 
 
 # ----------------------------------------------------------------------------- distributions
@@ -49,7 +57,7 @@ class Distribution(Spec):
 
     kind: Literal["exponential", "deterministic", "lognormal", "uniform"] = "exponential"
     mean: PosFloat
-    cv: PosFloat = 1.0
+    cv: Annotated[float, Field(gt=0, le=MAX_CV)] = 1.0
 
 
 class ServiceOverride(Spec):
@@ -57,7 +65,7 @@ class ServiceOverride(Spec):
 
     kind: Literal["exponential", "deterministic", "lognormal"]
     mean_s: PosFloat
-    cv: PosFloat = 1.0
+    cv: Annotated[float, Field(gt=0, le=MAX_CV)] = 1.0
 
 
 # ----------------------------------------------------------------------------------- LLMs
@@ -68,15 +76,15 @@ class LLMSpec(Spec):
     model: str | None = None  # workload model it serves; defaults to `name`
     price_in_per_mtok: NonNegFloat
     price_out_per_mtok: NonNegFloat
-    replicas: Annotated[int, Field(strict=True, ge=1)] = 1
-    slots: Annotated[int, Field(strict=True, ge=1)] = 8
+    replicas: Annotated[int, Field(strict=True, ge=1, le=MAX_COUNT)] = 1
+    slots: Annotated[int, Field(strict=True, ge=1, le=MAX_COUNT)] = 8
     prefill_tps: PosFloat = 5000.0
     decode_tps: PosFloat = 50.0
     # Per-sequence decode speed is decode_tps / (1 + batching_slowdown * (k - 1)) with k the
     # sequences sharing the replica when the sequence starts.
     batching_slowdown: NonNegFloat = 0.05
     first_token_s: NonNegFloat = 0.2
-    max_queue: Annotated[int, Field(strict=True, ge=0)] = 1000
+    max_queue: Annotated[int, Field(strict=True, ge=0, le=MAX_COUNT)] = 1000
     rate_limit_per_s: PosFloat | None = None
     replica_cost_per_hour: NonNegFloat = 0.0
     service: ServiceOverride | None = None
@@ -112,7 +120,7 @@ class WorkloadSpec(Spec):
     split: Literal["train", "test", "validation", "all"] = "test"
     sample: Literal["with_replacement", "without_replacement"] = "with_replacement"
     # synthetic workload
-    n_queries: Annotated[int, Field(strict=True, ge=10)] = 6000
+    n_queries: Annotated[int, Field(strict=True, ge=10, le=10**7)] = 6000
     train_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.6
     feature_dim: Annotated[int, Field(strict=True, ge=4, le=1024)] = 32
     mix: dict[str, PosFloat] | None = None  # task family -> weight of the arriving queries
@@ -129,6 +137,11 @@ class WorkloadSpec(Spec):
 
 
 # ------------------------------------------------------------------------------- arrivals
+# Most arrivals, timeline samples or MMPP state switches one run may ask for: 1e8 requests
+# already need tens of GB of request records.
+MAX_EVENTS = 1e8
+
+
 class PoissonArrivals(Spec):
     kind: Literal["poisson"]
     rate_per_s: PosFloat
@@ -365,6 +378,11 @@ class Scenario(Spec):
         # Outputs go to OUT/<name>: "." or ".." would write outside it.
         if set(v) == {"."}:
             raise ValueError("the name names the output directory: it may not be only dots")
+        if v.lower() in RESERVED_NAMES:
+            raise ValueError(
+                f"the name names the output directory, and {v!r} is a file routesim writes "
+                f"beside it; reserved: {', '.join(sorted(RESERVED_NAMES))}"
+            )
         return v
 
     @field_validator("policies")
@@ -381,6 +399,7 @@ class Scenario(Spec):
                 f"warmup_s={self.warmup_s} must be less than duration_s={self.duration_s}"
             )
         self._check_families()
+        self._check_sizes()
         for idx, e in enumerate(self.events):
             if e.at_s >= self.duration_s:
                 raise _FieldError(
@@ -441,6 +460,45 @@ class Scenario(Spec):
                 f"must name one of the scenario's LLMs: {', '.join(sorted(ever))}",
             )
         return self
+
+    def _check_sizes(self) -> None:
+        """Values that validate one by one but together ask for a run no machine finishes
+        (or that would loop forever): too many arrivals, timeline samples or MMPP state
+        switches for the duration."""
+        arr, d = self.arrivals, self.duration_s
+        peak: tuple[str, float] | None = None
+        if isinstance(arr, PoissonArrivals):
+            peak = ("arrivals.rate_per_s", arr.rate_per_s)
+        elif isinstance(arr, PiecewiseArrivals):
+            i = max(range(len(arr.phases)), key=lambda j: arr.phases[j].rate_per_s)
+            peak = (f"arrivals.phases.{i}.rate_per_s", arr.phases[i].rate_per_s)
+        elif isinstance(arr, DiurnalArrivals):
+            peak = ("arrivals.mean_rate_per_s", arr.mean_rate_per_s * (1 + arr.amplitude))
+        elif isinstance(arr, MMPPArrivals):
+            i = max(range(len(arr.states)), key=lambda j: arr.states[j].rate_per_s)
+            peak = (f"arrivals.states.{i}.rate_per_s", arr.states[i].rate_per_s)
+            j = min(range(len(arr.states)), key=lambda j: arr.states[j].mean_sojourn_s)
+            sojourn = arr.states[j].mean_sojourn_s
+            if d / sojourn > MAX_EVENTS:
+                raise _FieldError(
+                    f"arrivals.states.{j}.mean_sojourn_s", sojourn,
+                    f"gives about {d / sojourn:.3g} state switches in duration_s={d:g}; "
+                    f"at most {MAX_EVENTS:.0e} are simulated (a longer sojourn, or a plain "
+                    "Poisson rate when the states switch that fast)",
+                )
+        if peak is not None and peak[1] * d > MAX_EVENTS:
+            raise _FieldError(
+                peak[0], peak[1],
+                f"asks for up to {peak[1] * d:.3g} arrivals in duration_s={d:g}; at most "
+                f"{MAX_EVENTS:.0e} per run (shorten the run or lower the rate)",
+            )
+        samples = (d + (self.run.drain_s or 0.0)) / self.run.sample_every_s
+        if samples > MAX_EVENTS:
+            raise _FieldError(
+                "run.sample_every_s", self.run.sample_every_s,
+                f"gives {samples:.3g} timeline samples over the run; at most {MAX_EVENTS:.0e} "
+                "(sample less often)",
+            )
 
     def _check_families(self) -> None:
         """Mix keys of a synthetic workload are catalog families (a data file's task names
@@ -612,17 +670,7 @@ def load_scenario(path: str | Path) -> Scenario:
                 source=source,
             )
         p, source = builtin, str(builtin)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ScenarioError(f"cannot read: {exc}", source=source) from None
-    try:
-        data = load_yaml(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ScenarioError(f"malformed YAML{where}: {problem}", source=source) from None
+    data = read_yaml_file(p, ScenarioError, source)
     scenario = parse_scenario(data, source=source)
     return _resolve_paths(scenario, p.parent)
 

@@ -63,7 +63,7 @@ from pydantic import (
 from sim.errors import RouteSimError, ScenarioError
 from sim.record import check_out_dir, write_json, write_parquet, write_text
 from sim.scenario import PolicySpec, Scenario, dump_scenario, load_scenario, parse_scenario
-from sim.yamlfile import load_yaml
+from sim.yamlfile import read_yaml_file
 
 CELLS_DIR = "cells"
 DONE_FILE = "done.json"
@@ -109,7 +109,8 @@ class Grid(_GridSpec):
     overrides: dict[str, Any] = Field(default_factory=dict)
     axes: dict[str, Annotated[list[Any], Field(min_length=1)]] = Field(default_factory=dict)
     policies: list[str | PolicyVariants] | None = None
-    seeds: Annotated[int, Field(ge=1)] | Annotated[list[int], Field(min_length=1)] = 1
+    seeds: (Annotated[int, Field(strict=True, ge=1)]
+            | Annotated[list[Annotated[int, Field(strict=True)]], Field(min_length=1)]) = 1
     save_requests: bool = True  # requests.parquet per cell (the largest output)
     save_timeline: bool = True
     # Where the grid came from: error messages name it; relative paths are relative to it.
@@ -140,13 +141,7 @@ def load_grid(path: str | Path) -> Grid:
     src = str(p)
     if not p.is_file():
         raise GridError("no such grid file", source=src)
-    try:
-        data = load_yaml(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise GridError(f"malformed YAML{where}: {problem}", source=src) from None
+    data = read_yaml_file(p, GridError, src)
     g = parse_grid(data, source=src)
     g._dir = p.resolve().parent
     return g
@@ -866,7 +861,7 @@ def register(app) -> None:
             TimeElapsedColumn,
         )
 
-        from sim.cli import console, fail
+        from sim.cli import console, fail, terminate_as_exit
 
         try:
             g = load_grid(grid)
@@ -895,8 +890,11 @@ def register(app) -> None:
                 prog.update(state["task"], advance=1, note=note)
 
             try:
-                res = run_sweep(grid, out_dir, backend=backend.value, workers=workers,
-                                address=address, on_cell_done=on_done, on_start=on_start)
+                # SIGTERM unwinds like Ctrl-C: the workers are stopped and sweep.parquet
+                # lists the cells finished so far.
+                with terminate_as_exit():
+                    res = run_sweep(grid, out_dir, backend=backend.value, workers=workers,
+                                    address=address, on_cell_done=on_done, on_start=on_start)
             except RouteSimError as exc:
                 prog.stop()
                 fail(exc)

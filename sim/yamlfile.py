@@ -7,9 +7,12 @@ line of the repeated key.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import yaml
+
+from sim.errors import RouteSimError
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -40,3 +43,22 @@ def load_yaml(text: str) -> Any:
     """`yaml.safe_load`, except that a key repeated within one mapping raises a
     yaml.YAMLError whose `problem_mark` is the repeated key."""
     return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def read_yaml_file(path: Path, error: type[RouteSimError], source: str) -> Any:
+    """The parsed YAML document of a configuration file; any failure to read or parse it
+    (unreadable, not UTF-8, malformed, nested beyond Python's recursion limit) is an
+    `error` naming `source` and, for malformed YAML, the line and column."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"cannot read: {exc}", source=source) from None
+    try:
+        return load_yaml(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise error(f"malformed YAML{where}: {problem}", source=source) from None
+    except RecursionError:
+        raise error("malformed YAML: nested too deeply", source=source) from None

@@ -81,6 +81,25 @@ CASES = {
     "unknown_family_in_mix": (
         mutate(lambda d: d["workload"].update(mix={"cod": 1.0})), "workload.mix.cod",
         "unknown task family (did you mean 'code'?)"),
+    "reserved_name": (mutate(lambda d: d.update(name="summary.parquet")), "name",
+                      "a file routesim writes"),
+    "quoted_number": (mutate(lambda d: d.update(duration_s="100")), "duration_s",
+                      "valid number"),
+    "slots_beyond_int64": (mutate(lambda d: d["llms"][0].update(slots=2**63)), "llms.0.slots",
+                           "less than or equal to 1000000000"),
+    "huge_patience_cv": (
+        mutate(lambda d: d.update(users={"patience_s": {"kind": "lognormal", "mean": 30,
+                                                        "cv": 1e200}})),
+        "users.patience_s.cv", "less than or equal to 1000"),
+    "rate_beyond_any_run": (mutate(lambda d: d["arrivals"].update(rate_per_s=1e12)),
+                            "arrivals.rate_per_s", "arrivals in duration_s=100"),
+    "mmpp_switching_forever": (
+        mutate(lambda d: d.update(arrivals={"kind": "mmpp", "states": [
+            {"rate_per_s": 1, "mean_sojourn_s": 1e-20},
+            {"rate_per_s": 2, "mean_sojourn_s": 10}]})),
+        "arrivals.states.0.mean_sojourn_s", "state switches"),
+    "samples_beyond_any_run": (mutate(lambda d: d.update(run={"sample_every_s": 1e-300})),
+                               "run.sample_every_s", "timeline samples"),
     "unknown_family_in_mix_change": (
         mutate(lambda d: d["events"].append({"at_s": 60, "mix_change": {"mix": {"fooo": 1}}})),
         "events.1.mix_change.mix.fooo", "unknown task family"),
@@ -283,3 +302,101 @@ def test_validate_reads_a_trace_whose_times_miss_the_run(tmp_path):
         arrivals={"kind": "trace", "path": str(trace)})))
     res = runner.invoke(app, ["validate", str(p)])
     assert res.exit_code == 2 and "shift_to_zero" in res.output
+
+
+def test_deeply_nested_yaml_is_bad_input_not_a_crash(tmp_path):
+    p = write(tmp_path, "a: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ScenarioError, match="malformed YAML"):
+        load_scenario(p)
+
+
+def test_infinite_policy_params_are_refused(tmp_path):
+    data = mutate(lambda d: d.update(
+        policies=[{"name": "mixllm", "params": {"beta": float("inf")}}]))
+    p = write(tmp_path, data)
+    assert "beta: .inf" in p.read_text()
+    res = runner.invoke(app, ["validate", str(p)])
+    assert res.exit_code == 2 and "policies.0.params.beta" in res.output, res.output
+    assert "finite number" in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.parametrize(
+    "body, rule",
+    [("t\n", "no timestamps"), ("t\ntrue\nfalse\n", "true/false"),
+     ("t\n1\ninf\n", "infinite")],
+)
+def test_bad_trace_contents(tmp_path, body, rule):
+    (tmp_path / "trace.csv").write_text(body)
+    data = mutate(lambda d: d.update(arrivals={"kind": "trace", "path": "trace.csv"}))
+    res = runner.invoke(app, ["validate", str(write(tmp_path, data))])
+    assert res.exit_code == 2 and rule in res.output and "arrivals." in res.output, res.output
+
+
+def test_a_looped_trace_beyond_any_run_is_refused(tmp_path):
+    (tmp_path / "trace.csv").write_text("t\n0\n1e-9\n")
+    data = mutate(lambda d: d.update(
+        arrivals={"kind": "trace", "path": "trace.csv", "loop": True}))
+    res = runner.invoke(app, ["validate", str(write(tmp_path, data))])
+    assert res.exit_code == 2 and "arrivals.loop" in res.output, res.output
+
+
+def test_validate_reads_the_data_files_columns(tmp_path):
+    (tmp_path / "garbage.csv").write_text("a,b\n1,2\n")
+    res = runner.invoke(app, ["validate", "routerbench_steady", "--data",
+                              str(tmp_path / "garbage.csv")])
+    assert res.exit_code == 2 and "missing required column 'prompt'" in res.output, res.output
+
+
+@pytest.mark.parametrize("out", ["", "   "])
+def test_an_empty_out_is_bad_input(tmp_path, out, monkeypatch):
+    from sim.errors import RouteSimError
+    from sim.runner import run
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RouteSimError, match="is empty"):
+        run("steady", policies=["random"], out=out)
+    assert list(tmp_path.iterdir()) == []  # nothing written into the working directory
+
+
+def test_an_unwritable_out_is_bad_input(tmp_path, monkeypatch):
+    import os
+
+    import sim.record
+
+    real = os.access
+    monkeypatch.setattr(sim.record.os, "access",
+                        lambda p, mode: False if Path(p) == tmp_path else real(p, mode))
+    res = runner.invoke(app, ["run", "--policy", "random", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "not writable" in res.output and "--out" in res.output
+    assert "Traceback" not in res.output and not (tmp_path / "o").exists()
+
+
+def test_a_failed_write_is_a_routesim_error(tmp_path, monkeypatch):
+    import tempfile
+
+    from sim.errors import RouteSimError
+    from sim.record import write_text
+
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(RouteSimError, match="cannot write .*x.txt: Permission denied"):
+        write_text("hi", tmp_path / "x.txt")
+
+
+def test_a_grid_file_that_is_not_utf8_is_bad_input(tmp_path):
+    from sim.sweep import GridError, load_grid
+
+    p = tmp_path / "grid.yaml"
+    p.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(GridError, match="cannot read"):
+        load_grid(p)
+
+
+@pytest.mark.parametrize("seeds", [2.0, "2", [True]])
+def test_grid_seeds_are_integers(seeds):
+    from sim.sweep import GridError, parse_grid
+
+    with pytest.raises(GridError, match="seeds"):
+        parse_grid({"name": "g", "base": "steady", "seeds": seeds}, source="g.yaml")

@@ -315,3 +315,38 @@ def test_sigterm_removes_the_staged_outputs(tmp_path):
             proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_the_saved_scenario_runs_the_policies_that_ran(tmp_path):
+    """--policy replaces the file's list: the saved scenario.yaml says so, and running it
+    again reproduces the run."""
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["run", "steady", "--policy", "cheapest", "--policy",
+                              "least_loaded", "--out", str(out), "--no-report"])
+    assert res.exit_code == 0, res.output
+    saved = out / "steady" / "scenario.yaml"
+    import yaml
+
+    assert yaml.safe_load(saved.read_text())["policies"] == [
+        {"name": "cheapest", "params": {}, "label": None},
+        {"name": "least_loaded", "params": {}, "label": None},
+    ]
+    again = runner.invoke(app, ["run", str(saved), "--out", str(tmp_path / "again"),
+                                "--no-report"])
+    assert again.exit_code == 0, again.output
+    first = pl.read_parquet(out / "summary.parquet")
+    second = pl.read_parquet(tmp_path / "again" / "summary.parquet")
+    assert first.drop("elapsed_s", strict=False).equals(second.drop("elapsed_s", strict=False))
+
+
+@pytest.mark.parametrize("seed", ['"abc"', "[1]", "true"])
+def test_report_on_a_corrupt_summary_is_bad_input(tmp_path, seed):
+    d = tmp_path / "s" / "random" / "seed1"
+    d.mkdir(parents=True)
+    (d / "summary.json").write_text(f'{{"policy": "random", "seed": {seed}}}')
+    res = runner.invoke(app, ["report", str(tmp_path)])
+    assert res.exit_code == 2 and "seed" in res.output, res.output
+    assert "Traceback" not in res.output
+    (d / "summary.json").write_bytes(b"\xff\xfe{")
+    res = runner.invoke(app, ["report", str(tmp_path)])
+    assert res.exit_code == 2 and "unreadable summary" in res.output, res.output

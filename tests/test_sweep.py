@@ -388,3 +388,68 @@ def grid_scenario():
                                      "price_out_per_mtok": 30},
                                     {"name": "mistral-7b", "price_in_per_mtok": 0.2,
                                      "price_out_per_mtok": 0.2}]})
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads /proc (Linux)")
+def test_sigterm_stops_the_sweep_workers(tmp_path):
+    """A terminated `routesim sweep` stops its worker processes (they used to run on,
+    orphaned, for as long as their cells took) and exits 128 + SIGTERM."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    gfile = tmp_path / "grid.yaml"
+    gfile.write_text(yaml.safe_dump({
+        "name": "long", "base": "steady", "policies": ["random"], "seeds": [1, 2],
+        "overrides": {"duration_s": 10**6},
+    }))
+
+    def children(pid: int) -> set[int]:
+        out: set[int] = set()
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            try:
+                kids = (task / "children").read_text().split()
+            except OSError:
+                continue
+            for k in map(int, kids):
+                out |= {k} | children(k)
+        return out
+
+    def alive(pid: int) -> bool:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return False
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sim.cli", "sweep", str(gfile), "--workers", "2", "--out",
+         str(tmp_path / "out"), "--no-report"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=Path(__file__).parents[1],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+    )
+    try:
+        # Wait (the bound only stops a hung test) until both workers run a cell.
+        kids: set[int] = set()
+        for _ in range(1200):
+            kids = children(proc.pid)
+            if len(kids) >= 2 and any((tmp_path / "out").rglob("*")):
+                break
+            assert proc.poll() is None, proc.stderr.read().decode()
+            time.sleep(0.1)
+        assert len(kids) >= 2
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+        for _ in range(600):  # their exit is asynchronous to the driver's
+            if not any(alive(k) for k in kids):
+                break
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert not any(alive(k) for k in kids)

@@ -86,9 +86,9 @@ from collections import OrderedDict
 from typing import ClassVar, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
-from policies.base import BasePolicy
+from policies.base import PARAMS_CONFIG, BasePolicy
 from policies.mixllm.decision import (
     MAX_PENALTY_EXPONENT,
     LinUCBBank,
@@ -114,7 +114,7 @@ from sim.types import ClusterView, Decision, Feedback, LLMInfo, PolicyContext, Q
 class MixLLMParams(BaseModel):
     """Knobs of the mixllm policy (unknown keys are errors)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = PARAMS_CONFIG
 
     # meta decision score
     lambda_: float = Field(default=8.0, gt=0, description="quality vs cost trade-off")
