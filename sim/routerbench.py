@@ -196,32 +196,25 @@ def check_columns(columns: Sequence[str], models: Sequence[str], source: str) ->
 def check_table(path: Path, models: Sequence[str]) -> None:
     """The checks `load_routerbench_workload` starts with, on the header alone (for
     `routesim validate`: a data file it accepts is one a run can start from)."""
+    columns = read_table(path, header_only=True).columns
+    check_columns(columns, list(dict.fromkeys(models)), str(path))
+
+
+def read_table(path: Path, *, header_only: bool = False) -> pl.DataFrame:
+    """The whole table (or, `header_only`, its columns without rows); CSV (types inferred
+    from every row) or parquet, by file suffix."""
     source = str(path)
     if not path.is_file():
         raise DataError("no such data file", source=source, field="workload.path")
     suffix = path.suffix.lower()
     try:
         if suffix == ".csv":
-            columns = pl.read_csv(path, n_rows=0).columns
-        elif suffix in (".parquet", ".pq"):
-            columns = list(pl.read_parquet_schema(path))
-        else:
-            columns = read_table(path).columns  # raises: unsupported type
-    except (pl.exceptions.PolarsError, OSError, ValueError) as exc:
-        raise DataError(f"cannot read the table: {exc}", source=source) from None
-    check_columns(columns, list(dict.fromkeys(models)), source)
-
-
-def read_table(path: Path) -> pl.DataFrame:
-    """The whole table; CSV (types inferred from every row) or parquet, by file suffix."""
-    source = str(path)
-    if not path.is_file():
-        raise DataError("no such data file", source=source, field="workload.path")
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".csv":
+            if header_only:
+                return pl.read_csv(path, n_rows=0)
             return pl.read_csv(path, infer_schema_length=None)
         if suffix in (".parquet", ".pq"):
+            if header_only:
+                return pl.DataFrame(schema=pl.read_parquet_schema(path))
             return pl.read_parquet(path)
     except (pl.exceptions.PolarsError, OSError, ValueError) as exc:
         raise DataError(f"cannot read the table: {exc}", source=source) from None
