@@ -231,6 +231,12 @@ def part_online(wl, llms, ref, seeds: int, online_params: dict | None = None,
     online_params = online_params or {}
     full = training_set(wl)
     test = wl.rows(SPLIT_TEST)
+    n_holdout = int(round(holdout * len(full.rows)))
+    if not (share > 0 and holdout >= 0 and share + holdout < 1) or (holdout > 0) != (
+            n_holdout > 0):
+        sys.exit(f"--offline-share {share:g} and --holdout-share {holdout:g} must be >= 0 with "
+                 "a sum below 1 (the rest is the stream), and a holdout share must hold at "
+                 f"least one of the {len(full.rows)} training rows")
     scored_on = (f"a held-out {holdout:.0%} of train+validation (the test split unused)"
                  if holdout > 0 else "the test split")
     print(f"\n(b) online learning: fit on {share:.0%} of train+validation, binary feedback on "

@@ -179,6 +179,10 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> None:
         os.umask(umask)
         os.chmod(tmp_path, 0o666 & ~umask)
         os.replace(tmp_path, path)
+    except OSError as exc:  # a full disk, a quota
+        tmp_path.unlink(missing_ok=True)
+        raise RouteSimError(f"cannot write {path}: {exc.strerror or exc}",
+                            source=str(path), field="out") from None
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise

@@ -463,20 +463,27 @@ class Scenario(Spec):
 
     def _check_sizes(self) -> None:
         """Values that validate one by one but together ask for a run no machine finishes
-        (or that would loop forever): too many arrivals, timeline samples or MMPP state
-        switches for the duration."""
+        (or that would loop forever): too many expected arrivals, timeline samples or MMPP
+        state switches for the duration."""
+        from sim import arrivals as arr_mod  # it imports this module; needed only here
+
         arr, d = self.arrivals, self.duration_s
-        peak: tuple[str, float] | None = None
+        # (field, the value as written, expected arrivals over the run)
+        expected: tuple[str, float, float] | None = None
         if isinstance(arr, PoissonArrivals):
-            peak = ("arrivals.rate_per_s", arr.rate_per_s)
+            expected = ("arrivals.rate_per_s", arr.rate_per_s, arr.rate_per_s * d)
         elif isinstance(arr, PiecewiseArrivals):
-            i = max(range(len(arr.phases)), key=lambda j: arr.phases[j].rate_per_s)
-            peak = (f"arrivals.phases.{i}.rate_per_s", arr.phases[i].rate_per_s)
+            segs = arr_mod._phase_segments(arr, d)
+            counts = [(e - s0) * r for s0, e, r in segs]
+            i = max(range(len(segs)), key=counts.__getitem__)
+            expected = (f"arrivals.phases.{i}.rate_per_s", segs[i][2], sum(counts))
         elif isinstance(arr, DiurnalArrivals):
-            peak = ("arrivals.mean_rate_per_s", arr.mean_rate_per_s * (1 + arr.amplitude))
+            expected = ("arrivals.mean_rate_per_s", arr.mean_rate_per_s,
+                        arr.mean_rate_per_s * d)
         elif isinstance(arr, MMPPArrivals):
             i = max(range(len(arr.states)), key=lambda j: arr.states[j].rate_per_s)
-            peak = (f"arrivals.states.{i}.rate_per_s", arr.states[i].rate_per_s)
+            expected = (f"arrivals.states.{i}.rate_per_s", arr.states[i].rate_per_s,
+                        arr_mod.mmpp_mean_rate(arr) * d)
             j = min(range(len(arr.states)), key=lambda j: arr.states[j].mean_sojourn_s)
             sojourn = arr.states[j].mean_sojourn_s
             if d / sojourn > MAX_EVENTS:
@@ -486,10 +493,10 @@ class Scenario(Spec):
                     f"at most {MAX_EVENTS:.0e} are simulated (a longer sojourn, or a plain "
                     "Poisson rate when the states switch that fast)",
                 )
-        if peak is not None and peak[1] * d > MAX_EVENTS:
+        if expected is not None and expected[2] > MAX_EVENTS:
             raise _FieldError(
-                peak[0], peak[1],
-                f"asks for up to {peak[1] * d:.3g} arrivals in duration_s={d:g}; at most "
+                expected[0], expected[1],
+                f"gives about {expected[2]:.3g} arrivals in duration_s={d:g}; at most "
                 f"{MAX_EVENTS:.0e} per run (shorten the run or lower the rate)",
             )
         samples = (d + (self.run.drain_s or 0.0)) / self.run.sample_every_s
@@ -675,6 +682,16 @@ def load_scenario(path: str | Path) -> Scenario:
     return _resolve_paths(scenario, p.parent)
 
 
+def _beside(base: Path, relative: str) -> Path:
+    """A relative path from a scenario file in `base`: beside the file; for compatibility, a
+    path that exists only from the working directory is taken from there. Either way
+    absolute, so what a run (or a sweep cell's id) sees does not depend on where it
+    started."""
+    beside = base / relative
+    chosen = beside if beside.exists() or not Path(relative).exists() else Path(relative)
+    return chosen.resolve()
+
+
 def _resolve_paths(scenario: Scenario, base: Path) -> Scenario:
     """Relative data paths (arrival trace, workload data, the workload encoder's model and
     cache directories) are relative to the scenario file, not the working directory."""
@@ -684,16 +701,11 @@ def _resolve_paths(scenario: Scenario, base: Path) -> Scenario:
         updates["arrivals"] = arr.model_copy(update={"path": str((base / arr.path).resolve())})
     wl = scenario.workload
     if wl.path and not Path(wl.path).is_absolute():
-        # Beside the scenario file; for compatibility a path that only exists from the
-        # working directory is still taken from there. Either way it becomes absolute, so
-        # what a run (or a sweep cell's id) sees does not depend on where it was started.
-        beside = base / wl.path
-        chosen = beside if beside.exists() or not Path(wl.path).exists() else Path(wl.path)
-        wl = wl.model_copy(update={"path": str(chosen.resolve())})
+        wl = wl.model_copy(update={"path": str(_beside(base, wl.path))})
         updates["workload"] = wl
     enc = wl.encoder
     enc_updates = {
-        name: str((base / value).resolve())
+        name: str(_beside(base, value))
         for name in ("model_path", "cache_dir")
         if (value := getattr(enc, name)) and not Path(value).expanduser().is_absolute()
         and not value.startswith("~")

@@ -903,6 +903,11 @@ def register(app) -> None:
                 console.print(f"interrupted; finished cells are kept in {out_dir}/"
                               f"{CELLS_DIR}; run the same command again to resume")
                 raise typer.Exit(130) from None
+            except SystemExit:  # SIGTERM (terminate_as_exit)
+                prog.stop()
+                console.print(f"terminated; finished cells are kept in {out_dir}/"
+                              f"{CELLS_DIR}; run the same command again to resume")
+                raise
         console.print(
             f"{len(res.cells)} cells: {res.ran - res.failed} ran, {res.skipped} skipped "
             f"(done before), {res.failed} failed; {res.elapsed_s:.1f}s with "

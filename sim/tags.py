@@ -105,8 +105,10 @@ STOPWORDS = frozenset(_STOPWORD_TEXT.split())
 
 # Words start with a letter of any script; a line break is a token of its own, so it ends a
 # keyphrase and starts a sentence (a capitalised word opening a line is not a name).
-_TOKEN = re.compile(r"[^\W\d_][\w'\-]*|\d+|\n|[^\w\s]")
-_WORD_ONLY = re.compile(r"[^\W\d_][\w'\-]*")
+# Inside a word only letters, apostrophes and hyphens, as in ASCII before ("so2" is two
+# tokens; "_", Winogrande's blank, is punctuation).
+_TOKEN = re.compile(r"[^\W\d_](?:[^\W\d_]|['\-])*|\d+|\n|[^\w\s]|_")
+_WORD_ONLY = re.compile(r"[^\W\d_](?:[^\W\d_]|['\-])*")
 
 
 def _normalise(text: str) -> str:

@@ -400,3 +400,47 @@ def test_grid_seeds_are_integers(seeds):
 
     with pytest.raises(GridError, match="seeds"):
         parse_grid({"name": "g", "base": "steady", "seeds": seeds}, source="g.yaml")
+
+
+def test_numbers_with_an_exponent_are_numbers(tmp_path):
+    """PyYAML (YAML 1.1) would read 2e0 and 1.8e3 as text; a scenario reads them as the
+    numbers everyone means. Quoted, they stay text (and are refused)."""
+    text = yaml.safe_dump(GOOD).replace("rate_per_s: 1.0", "rate_per_s: 2e0").replace(
+        "duration_s: 100", "duration_s: 1.8e2")
+    sc = load_scenario(write(tmp_path, text))
+    assert sc.arrivals.rate_per_s == 2.0 and sc.duration_s == 180.0
+    with pytest.raises(ScenarioError, match="duration_s"):
+        load_scenario(write(tmp_path, text.replace("duration_s: 1.8e2", "duration_s: '1.8e2'")))
+
+
+@pytest.mark.parametrize(
+    "arrivals",
+    [
+        # a week at 5/s with a ten-minute spike at 200/s: 3.1e6 arrivals
+        {"kind": "piecewise", "phases": [{"until_s": 3600, "rate_per_s": 5},
+                                         {"until_s": 4200, "rate_per_s": 200},
+                                         {"until_s": 604800, "rate_per_s": 5}]},
+        # a burst state at 1e5/s visited for 0.1 s in every 1000 s
+        {"kind": "mmpp", "states": [{"rate_per_s": 2, "mean_sojourn_s": 1000},
+                                    {"rate_per_s": 1e5, "mean_sojourn_s": 0.1}]},
+    ],
+)
+def test_long_runs_with_short_peaks_are_not_refused(tmp_path, arrivals):
+    data = mutate(lambda d: d.update(arrivals=arrivals, duration_s=604800, events=[]))
+    load_scenario(write(tmp_path, data))
+
+
+def test_a_write_that_fails_midway_is_a_routesim_error(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from sim.errors import RouteSimError
+    from sim.record import write_text
+
+    def full_disk(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(RouteSimError, match="No space left"):
+        write_text("hi", tmp_path / "x.txt")
+    assert list(tmp_path.iterdir()) == []  # the temp file is gone too

@@ -369,6 +369,10 @@ def test_the_encoder_directories_resolve_beside_the_scenario_file(tmp_path, monk
     enc = load_scenario(str(sc)).workload.encoder
     assert enc.model_path == str((home / "models" / "bert").resolve())
     assert enc.cache_dir == str((home / "cache").resolve())
+    # as for workload.path: a directory that exists only from the working directory
+    (tmp_path / "models" / "bert").mkdir(parents=True)
+    enc = load_scenario(str(sc)).workload.encoder
+    assert enc.model_path == str((tmp_path / "models" / "bert").resolve())
     sc.write_text(sc.read_text().replace("cache_dir: cache", "cache_dir: ~/c"))
     assert load_scenario(str(sc)).workload.encoder.cache_dir == "~/c"  # the user's home
 
@@ -453,3 +457,5 @@ def test_sigterm_stops_the_sweep_workers(tmp_path):
             proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM
     assert not any(alive(k) for k in kids)
+    # The finished (here: none) and pending cells are listed, so a rerun resumes.
+    assert (tmp_path / "out" / "sweep.parquet").is_file()

@@ -267,6 +267,8 @@ def test_fine_tune_rejects_bad_rows(tmp_path):
     enc = EncoderSpec(kind="hashing", dim=16, cache_dir=str(tmp_path))
     with pytest.raises(RouteSimError, match="train_rows"):
         tag_enhanced_embeddings(BIO, None, encoder=enc, train_rows=np.array([], int), seed=0)
+    with pytest.raises(RouteSimError, match="non-empty set of row indices"):
+        tag_enhanced_embeddings(BIO, None, encoder=enc, train_rows=[], seed=0)
     with pytest.raises(RouteSimError, match="train_rows"):
         tag_enhanced_embeddings(BIO, None, encoder=enc, train_rows=np.array([0, 99]), seed=0)
     with pytest.raises(RouteSimError, match="eval_names"):
@@ -325,6 +327,9 @@ def test_tagger_reads_letters_of_any_script_and_line_starts():
     # tagger has no corpus telling it whether the word is ever written in lower case)
     runs = _content_runs("Consider the reaction below\nPhotosynthesis converts sunlight", 3)
     assert ["photosynthesis", "converts", "sunlight"] in runs
+    # ASCII text reads as it always did: "_" (Winogrande's blank) and digits end a word
+    assert _content_runs("the poor _ needs covid19 cases", 3) == [
+        ["poor"], ["needs", "covid"], ["cases"]]
     # and a line break ends a phrase, as a full stop does
     assert _content_runs("chemical reaction\nwater cycle", 3) == [
         ["chemical", "reaction"], ["water", "cycle"]]

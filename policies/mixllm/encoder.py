@@ -182,7 +182,9 @@ def fine_tune(
     texts = [str(t) for t in texts]
     n = len(texts)
     train_rows = np.asarray(train_rows)
-    if train_rows.dtype == bool or not np.issubdtype(train_rows.dtype, np.integer):
+    if train_rows.size and (
+        train_rows.dtype == bool or not np.issubdtype(train_rows.dtype, np.integer)
+    ):
         raise RouteSimError(
             f"train_rows must be integer row indices, not {train_rows.dtype} values (for a "
             f"boolean mask pass np.flatnonzero(mask))", field="train_rows",
