@@ -44,8 +44,7 @@ def plan(
     policy: Annotated[str, typer.Option("--policy", "-p", help="router to plan for")],
     slo_p95_wait: Annotated[float, typer.Option(
         "--slo-p95-wait", help="target p95 wait before service, seconds")],
-    out: Annotated[Path, typer.Option(help="directory for plan.json and plan.html")] = Path(
-        "plan"),
+    out: Annotated[str, typer.Option(help="directory for plan.json and plan.html")] = "plan",
     max_replicas: Annotated[int, typer.Option(
         help="most replicas per self-hosted LLM")] = 16,
     quality_floor: Annotated[float | None, typer.Option(
@@ -72,6 +71,7 @@ def plan(
 
     try:
         check_out_dir(out, field="--out")
+        out = Path(out)
         sc = load_for_cli(scenario, data)
         planner = Planner(sc, policy, slo_p95_wait, max_replicas=max_replicas,
                           quality_floor=quality_floor, seeds=seeds,

@@ -80,7 +80,7 @@ def register(app: typer.Typer) -> None:
         policy: Annotated[list[str] | None, typer.Option(
             "--policy", "-p", help="router to sweep (repeat); default: every learned one")]
             = None,
-        out: Annotated[Path, typer.Option(help="output directory")] = Path("frontier"),
+        out: Annotated[str, typer.Option(help="output directory")] = "frontier",
         seed: Annotated[int | None, typer.Option(
             min=0, help="seed (default: the scenario's)")] = None,
     ) -> None:
@@ -94,6 +94,7 @@ def register(app: typer.Typer) -> None:
 
         try:
             check_out_dir(out, field="--out")
+            out = Path(out)
             sc = load_for_cli(scenario, data)
             names = policy or _routers()
             for i, n in enumerate(names):

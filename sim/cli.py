@@ -102,7 +102,8 @@ def run(
     policy: Annotated[list[str] | None, typer.Option(
         "--policy", "-p", help="policy name (repeat); default: the scenario's list")] = None,
     seeds: Annotated[int, typer.Option(min=1, help="replications (seed, seed+1, ...)")] = 1,
-    out: Annotated[Path, typer.Option(help="output directory")] = Path("runs"),
+    # str, not Path: typer would turn --out "" into Path("."), the working directory.
+    out: Annotated[str, typer.Option(help="output directory")] = "runs",
     data: Annotated[str | None, typer.Option(
         help="workload data file (overrides workload.path)")] = None,
     report: Annotated[bool, typer.Option(help="write OUT/report.html")] = True,
@@ -118,6 +119,7 @@ def run(
 
     try:
         check_out_dir(out, field="--out")
+        out = Path(out)
         sc = load_for_cli(scenario, data)
         specs = resolve_policies(sc, policy)
         check_models(sc)

@@ -846,7 +846,7 @@ def register(app) -> None:
         ] = BackendName.local,
         workers: Annotated[int | None, typer.Option(
             min=1, help="parallel cells (default: CPU count / cluster CPUs)")] = None,
-        out: Annotated[Path | None, typer.Option(
+        out: Annotated[str | None, typer.Option(
             help="output directory (default: runs/sweeps/<grid name>)")] = None,
         address: Annotated[str | None, typer.Option(
             help="Ray cluster address (default: start a local Ray)")] = None,
@@ -865,8 +865,9 @@ def register(app) -> None:
 
         try:
             g = load_grid(grid)
-            out_dir = out or Path("runs") / "sweeps" / g.name
+            out_dir = Path("runs") / "sweeps" / g.name if out is None else out
             check_out_dir(out_dir, field="--out")
+            out_dir = Path(out_dir)
         except RouteSimError as exc:
             fail(exc)
         if backend is BackendName.ray:

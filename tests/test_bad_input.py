@@ -352,10 +352,20 @@ def test_an_empty_out_is_bad_input(tmp_path, out, monkeypatch):
     from sim.errors import RouteSimError
     from sim.runner import run
 
-    monkeypatch.chdir(tmp_path)
+    grid = tmp_path / "grid" / "g.yaml"
+    grid.parent.mkdir()
+    grid.write_text("name: g\nbase: steady\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
     with pytest.raises(RouteSimError, match="is empty"):
         run("steady", policies=["random"], out=out)
-    assert list(tmp_path.iterdir()) == []  # nothing written into the working directory
+    for command in (["run", "steady", "--policy", "random"], ["frontier", "steady"],
+                    ["plan", "steady", "--policy", "random", "--slo-p95-wait", "2"],
+                    ["sweep", str(grid)]):
+        res = runner.invoke(app, [*command, "--out", out])
+        assert res.exit_code == 2 and "--out" in res.output, (command, res.output)
+    assert list(work.iterdir()) == []  # nothing written into the working directory
 
 
 def test_an_unwritable_out_is_bad_input(tmp_path, monkeypatch):
