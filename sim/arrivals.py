@@ -40,12 +40,12 @@ def piecewise_times(
 ) -> np.ndarray:
     """Each phase is Poisson at its rate; the last phase's rate continues to duration_s."""
     parts = []
-    for start, end, rate in _phase_segments(spec, duration_s):
+    for start, end, rate in phase_segments(spec, duration_s):
         parts.append(_poisson_segment(rate, start, end, rng))
     return np.concatenate(parts) if parts else np.empty(0)
 
 
-def _phase_segments(spec: PiecewiseArrivals, duration_s: float) -> list[tuple[float, float, float]]:
+def phase_segments(spec: PiecewiseArrivals, duration_s: float) -> list[tuple[float, float, float]]:
     """(start, end, rate) per phase, clipped to the run; the last rate runs to the end."""
     out = []
     start = 0.0
@@ -231,7 +231,7 @@ def expected_count(spec: Arrivals, duration_s: float) -> float | None:
     if isinstance(spec, PoissonArrivals):
         return spec.rate_per_s * duration_s
     if isinstance(spec, PiecewiseArrivals):
-        total = sum((e - s0) * r for s0, e, r in _phase_segments(spec, duration_s))
+        total = sum((e - s0) * r for s0, e, r in phase_segments(spec, duration_s))
         return total
     if isinstance(spec, DiurnalArrivals):
         # Integral of the sinusoid over [0, D].

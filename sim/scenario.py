@@ -465,25 +465,20 @@ class Scenario(Spec):
         """Values that validate one by one but together ask for a run no machine finishes
         (or that would loop forever): too many expected arrivals, timeline samples or MMPP
         state switches for the duration."""
-        from sim import arrivals as arr_mod  # it imports this module; needed only here
+        from sim.arrivals import expected_count  # it imports this module
 
         arr, d = self.arrivals, self.duration_s
-        # (field, the value as written, expected arrivals over the run)
-        expected: tuple[str, float, float] | None = None
+        # The field to name: the (largest) rate as written.
         if isinstance(arr, PoissonArrivals):
-            expected = ("arrivals.rate_per_s", arr.rate_per_s, arr.rate_per_s * d)
+            field, value = "arrivals.rate_per_s", arr.rate_per_s
         elif isinstance(arr, PiecewiseArrivals):
-            segs = arr_mod._phase_segments(arr, d)
-            counts = [(e - s0) * r for s0, e, r in segs]
-            i = max(range(len(segs)), key=counts.__getitem__)
-            expected = (f"arrivals.phases.{i}.rate_per_s", segs[i][2], sum(counts))
+            i = max(range(len(arr.phases)), key=lambda j: arr.phases[j].rate_per_s)
+            field, value = f"arrivals.phases.{i}.rate_per_s", arr.phases[i].rate_per_s
         elif isinstance(arr, DiurnalArrivals):
-            expected = ("arrivals.mean_rate_per_s", arr.mean_rate_per_s,
-                        arr.mean_rate_per_s * d)
+            field, value = "arrivals.mean_rate_per_s", arr.mean_rate_per_s
         elif isinstance(arr, MMPPArrivals):
             i = max(range(len(arr.states)), key=lambda j: arr.states[j].rate_per_s)
-            expected = (f"arrivals.states.{i}.rate_per_s", arr.states[i].rate_per_s,
-                        arr_mod.mmpp_mean_rate(arr) * d)
+            field, value = f"arrivals.states.{i}.rate_per_s", arr.states[i].rate_per_s
             j = min(range(len(arr.states)), key=lambda j: arr.states[j].mean_sojourn_s)
             sojourn = arr.states[j].mean_sojourn_s
             if d / sojourn > MAX_EVENTS:
@@ -493,10 +488,11 @@ class Scenario(Spec):
                     f"at most {MAX_EVENTS:.0e} are simulated (a longer sojourn, or a plain "
                     "Poisson rate when the states switch that fast)",
                 )
-        if expected is not None and expected[2] > MAX_EVENTS:
+        expected = expected_count(arr, d)  # None for a trace (checked when it is read)
+        if expected is not None and expected > MAX_EVENTS:
             raise _FieldError(
-                expected[0], expected[1],
-                f"gives about {expected[2]:.3g} arrivals in duration_s={d:g}; at most "
+                field, value,
+                f"gives about {expected:.3g} expected arrivals in duration_s={d:g}; at most "
                 f"{MAX_EVENTS:.0e} per run (shorten the run or lower the rate)",
             )
         samples = (d + (self.run.drain_s or 0.0)) / self.run.sample_every_s
