@@ -46,6 +46,9 @@ class Job:
         "reject_reason",
         "price_in",
         "price_out",
+        "work_left",
+        "seg_start",
+        "seg_factor",
     )
 
     def __init__(self, rid: int, dep: Deployment, enq_s: float, deadline: float, primary: bool):
@@ -65,6 +68,11 @@ class Job:
         # which counts LLM calls) and its place in the decision (0 = primary).
         self.round = 0
         self.answer = 0
+        # Service still to do at speed factor 1, from seg_start on, running at seg_factor
+        # since then: a slowdown that starts or ends re-times the job from here.
+        self.work_left = 0.0
+        self.seg_start = float("nan")
+        self.seg_factor = 1.0
         self.reject_reason = -1  # a sim.record REJECT_* code once rejected
         # Billed at the list prices in force when the call was routed (the prices the policy
         # decided on; for a request's first call, those of its reference cost), not at

@@ -471,12 +471,15 @@ class Simulation:
         if spec.service is None:
             k = d.active[r] + 1  # sequences on the replica including this one
             ttft = spec.first_token_s + inp / spec.prefill_tps
-            decode = out * (1.0 + spec.batching_slowdown * (k - 1)) / spec.decode_tps
-            svc = (ttft + decode) * d.speed_factor
+            work = ttft + out * (1.0 + spec.batching_slowdown * (k - 1)) / spec.decode_tps
+            # The first token's time is fixed at the speed in force now (a slowdown that
+            # starts or ends later re-times the rest of the job, not its first token).
             ttft *= d.speed_factor
         else:
-            svc = self._override_service(job) * d.speed_factor
-            ttft = svc
+            work = self._override_service(job)
+            ttft = work * d.speed_factor
+        svc = work * d.speed_factor
+        job.work_left, job.seg_start, job.seg_factor = work, now, d.speed_factor
         job.service_s = svc
         job.ttft_s = ttft
         job.cost_usd = (inp * job.price_in + out * job.price_out) / 1e6
@@ -821,7 +824,7 @@ class Simulation:
             d = cl.by_name[s.llm]
             # Overlapping slowdowns multiply; each one's end removes only its own factor.
             d.slowdowns[i] = s.factor
-            self.cluster.set_speed_factor(d, math.prod(d.slowdowns.values()))
+            self._set_speed(d, math.prod(d.slowdowns.values()), now)
             self.events.append(now, act, d.name, f"factor={d.speed_factor:g}")
             if s.duration_s is not None:
                 back = self.env.timeout(s.duration_s, value=(d, i))
@@ -846,8 +849,24 @@ class Simulation:
     def _on_slowdown_end(self, ev) -> None:
         d, i = ev.value
         d.slowdowns.pop(i, None)
-        self.cluster.set_speed_factor(d, math.prod(d.slowdowns.values()))
+        self._set_speed(d, math.prod(d.slowdowns.values()), self.env.now)
         self.events.append(self.env.now, "slowdown_end", d.name, f"factor={d.speed_factor:g}")
+
+    def _set_speed(self, d, factor: float, now: float) -> None:
+        """A slowdown starts or ends: new jobs and the rest of every running job go at the
+        new speed. A running job's work done so far is kept and its completion re-timed
+        (the old completion event is voided by the job's token, as in an outage)."""
+        if factor == d.speed_factor:
+            return
+        self.cluster.set_speed_factor(d, factor)
+        for r in range(d.spec.replicas):
+            for job in sorted(d.running[r], key=lambda j: (j.rid, j.answer)):
+                job.work_left = max(0.0, job.work_left - (now - job.seg_start) / job.seg_factor)
+                job.seg_start, job.seg_factor = now, factor
+                job.service_s = now - job.start_s + job.work_left * factor
+                job.token += 1
+                ev = self.env.timeout(job.work_left * factor, value=(job, job.token))
+                ev.callbacks.append(self._on_complete)
 
     # -------------------------------------------------------------------------- results
     def _result(self, end_s: float) -> RunResult:

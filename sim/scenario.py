@@ -250,7 +250,9 @@ class PriceChange(Spec):
 
 class Slowdown(Spec):
     """Multiply an LLM's service times by `factor` (e.g. a degraded GPU), optionally for a
-    while."""
+    while: what is left of every running job, and every job started meanwhile, goes at
+    1/factor of the speed until the slowdown ends (a job's time to first token keeps the
+    speed it started at)."""
 
     llm: str
     factor: PosFloat

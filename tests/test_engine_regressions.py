@@ -192,6 +192,26 @@ def test_malformed_decisions_are_named(bad):
 DET_1S = {"kind": "deterministic", "mean_s": 1.0}
 
 
+def test_a_slowdown_re_times_the_jobs_it_overlaps(tmp_path):
+    """A slowdown slows what is left of every running job while it lasts, and only that: a
+    job started before it is slowed too, one started during it speeds up again after it
+    (the factor used to be fixed into a job's whole service time when it started)."""
+    path = tmp_path / "arrivals.csv"
+    path.write_text("t\n0\n15\n")
+    sc = scenario(
+        duration_s=40.0, arrivals={"kind": "trace", "path": str(path)},
+        llms=[llm("gpt-4", slots=2, service={"kind": "deterministic", "mean_s": 100.0})],
+        events=[{"at_s": 10.0, "slowdown": {"llm": "gpt-4", "factor": 10.0,
+                                            "duration_s": 20.0}}],
+        run={"drain_s": None}, feedback={"probability": 0.0},
+    )
+    req = run(sc, registry.create("random")).requests.sort("arrival_s")
+    # Job 0: 10 s of work, then 20 s at a tenth of the speed (2 s of work), then 88 s.
+    # Job 1: 15 s at a tenth of the speed (1.5 s of work), then 98.5 s.
+    assert req["end_s"].to_list() == pytest.approx([118.0, 128.5])
+    assert req["service_s"].to_list() == pytest.approx([118.0, 113.5])
+
+
 def traced(tmp_path, times, **kw):
     """A scenario whose requests arrive at `times` (a trace), LLMs all on gpt-4's answers."""
     path = tmp_path / "arrivals.csv"
