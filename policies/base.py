@@ -36,6 +36,12 @@ class Policy(Protocol):
     - `on_price_changed(llm)`: a present deployment's list prices changed (`price_change`);
       `llm` carries the prices now in force. A policy that caches prices (or anything derived
       from them) refreshes it here instead of watching the view's price arrays.
+
+    `on_answer(query, answer, view)` is asked about each single answer (not a fan-out's)
+    by policies that override it: None keeps the answer, a Decision escalates (and may fan
+    out). If the escalation fails in an outage or its deployment is removed, `on_answer` is
+    asked again about the same answer (`query.attempt` counts the calls made), so a cascade
+    resumes where it was instead of starting over from `route`.
     """
 
     name: str

@@ -4,7 +4,14 @@ Lifecycle of a request: arrival -> policy.route -> queue at the chosen deploymen
 when down, full or rate-limited) -> wait (abandoned when the user's patience runs out) ->
 service -> completion (quality and cost realised) -> maybe feedback after a delay.
 A job that fails in an outage is re-offered to the policy up to `run.max_retries` times;
-queued jobs of a removed deployment are re-offered (not counted as retries).
+queued jobs of a removed deployment are re-offered (not counted as retries). A re-offer goes
+to `policy.route`, unless the request has an answer in hand (an escalation failed or was
+queued at the removed deployment): then `policy.on_answer` decides again on that answer,
+and if it returns nothing the answer is delivered. A decision from `on_answer` may fan out
+like one from `route`; a fan-out round ends the request (its answers are not escalated).
+With keep="primary", a round whose primary is lost delivers the first other answer as soon
+as both are known. Among events at the same time, completions come first and arrivals last
+(see PRIORITY_COMPLETION).
 Every request ends in exactly one recorded outcome; a rejection also records why
 (`reject_reason`: down, rate_limited, queue_full or removed). An LLM call is billed at the
 list prices in force when it was routed (what the policy decided on; for a request's first
@@ -50,6 +57,29 @@ from sim.record import (
 )
 from sim.scenario import Scenario
 from sim.types import KEEP_RULES, Answer, Decision, Feedback, LLMInfo, Query, Workload
+
+# Among events at the same time: completions first (work that ends as an outage starts was
+# done), then scenario events, recoveries and everything else, then arrivals (an arrival at
+# t sees the cluster as the events at t left it). Without this, ties went by creation order:
+# whether an arrival at an outage's end was served depended on when the previous one came.
+PRIORITY_COMPLETION = simpy.core.URGENT
+PRIORITY_ARRIVAL = simpy.core.NORMAL + 1
+
+
+class _At(simpy.events.Timeout):
+    """A timeout with a priority among events at the same time (SimPy's `Timeout`, which
+    always schedules at NORMAL, with the priority as an argument)."""
+
+    def __init__(self, env: simpy.Environment, delay: float, priority: int, value=None):
+        if delay < 0:
+            raise ValueError(f"negative delay {delay}")
+        self.env = env
+        self.callbacks = []
+        self._value = value
+        self._delay = delay
+        self._ok = True
+        env.schedule(self, priority, delay)
+
 
 # Order matters: appending a subsystem at the end keeps existing streams unchanged.
 SUBSYSTEMS = ("arrivals", "workload", "sampling", "users", "feedback", "service", "judge", "policy")
@@ -172,8 +202,10 @@ class _TopK:
     # Latest end among the copies: an abandonment is noticed lazily and recorded at its
     # deadline, which can precede a copy that completed before it was noticed.
     end_s: float = -math.inf
-    finished: bool = False  # the primary answer was delivered; later copies only cost
+    finished: bool = False  # an answer was delivered (keep="primary"); later copies only cost
     primary_end: tuple | None = None  # (outcome, job) of the primary copy, once it ended
+    primary_end_s: float = math.nan
+    first_result_s: float = math.nan  # when the first answer came in
 
 
 class Simulation:
@@ -212,7 +244,8 @@ class Simulation:
         self._seq = 0
         self._next = 0
         self._topk: dict[int, _TopK] = {}
-        self._answered: dict[int, tuple[float, Job]] = {}  # escalated: the answer in hand
+        # Escalated requests: the answer in hand (quality, job, the judged Answer).
+        self._answered: dict[int, tuple[float, Job, Answer]] = {}
         self._in_system = 0
         self._done_count = [0] * len(all_specs)
         # Fan-outs whose kept answer was picked by its realised quality (keep="best_realised",
@@ -279,7 +312,7 @@ class Simulation:
             t = env.timeout(ev.at_s, value=(i, ev))
             t.callbacks.append(self._on_event)
         if self.n:
-            first = env.timeout(float(self._c_arr[0]))
+            first = _At(env, float(self._c_arr[0]), PRIORITY_ARRIVAL)
             first.callbacks.append(self._on_arrival)
         env.process(self._sampler())
         horizon = math.inf if sc.run.drain_s is None else sc.duration_s + sc.run.drain_s
@@ -349,7 +382,7 @@ class Simulation:
         self._observe(now)
         self._offer(rid, 0, now)
         if self._next < self.n:
-            nxt = self.env.timeout(self._arr_l[self._next] - now)
+            nxt = _At(self.env, self._arr_l[self._next] - now, PRIORITY_ARRIVAL)
             nxt.callbacks.append(self._on_arrival)
 
     def _query(self, rid: int, attempt: int) -> Query:
@@ -368,13 +401,32 @@ class Simulation:
 
     def _offer(self, rid: int, attempt: int, now: float, rnd: int = 0) -> None:
         """Ask the policy and submit its decision's job(s); `rnd` is the routing round that
-        keys their noise (see `Inputs`), `attempt` the LLM calls made so far."""
+        keys their noise (see `Inputs`), `attempt` the LLM calls made so far.
+
+        A request with an answer in hand (its escalation failed in an outage or was queued
+        at a removed deployment) is not routed from scratch, which would call and pay for
+        the earlier rungs again: the policy's `on_answer` decides again on the answer it
+        already judged, and without a new decision that answer is delivered."""
         if attempt:
             self._observe(now)
         view = self.cluster.view
         view.now = now
         q = self._query(rid, attempt)
-        dec: Decision = self.policy.route(q, view)
+        held = self._answered.get(rid)
+        if held is None:
+            dec: Decision = self.policy.route(q, view)
+        else:
+            dec = self.policy.on_answer(q, held[2], view)
+            if dec is None:
+                self._finish(rid, COMPLETED, now, held[1], held[0])
+                return
+        self._submit_decision(rid, dec, now, rnd, record=attempt == 0)
+
+    def _submit_decision(self, rid: int, dec: Decision, now: float, rnd: int,
+                         *, record: bool = False) -> None:
+        """Check a decision (from `route` or `on_answer`) and submit its job(s): a decision
+        with `extra` LLMs is a fan-out round, kept by its `keep` rule, as offline."""
+        view = self.cluster.view
         if dec.keep not in KEEP_RULES:
             raise RouteSimError(
                 f"policy {getattr(self.policy, 'name', '?')!r} returned keep={dec.keep!r}; "
@@ -387,7 +439,7 @@ class Simulation:
                 f"scores for {len(view.names)} candidates; one per ClusterView.names entry",
                 field="decision.scores",
             )
-        if attempt == 0:
+        if record:
             self._record_decision(rid, dec, view)
         if dec.extra:
             self._topk[rid] = _TopK(1 + len(dec.extra), dec.keep, [], [])
@@ -485,7 +537,7 @@ class Simulation:
         job.cost_usd = (inp * job.price_in + out * job.price_out) / 1e6
         self.cluster.set_active(d, r, +1)  # also refreshes the view's derived entries
         d.running[r].add(job)
-        ev = self.env.timeout(svc, value=(job, job.token))
+        ev = _At(self.env, svc, PRIORITY_COMPLETION, (job, job.token))
         ev.callbacks.append(self._on_complete)
 
     def _count_load_rejection(self, d, now: float) -> None:
@@ -566,12 +618,12 @@ class Simulation:
         if outcome == COMPLETED:
             qual = float(self._quality[self._rows_l[rid], job.dep.col])
             if self._wants_answers:
-                nxt = self._ask_escalation(job, qual, t)
+                nxt, ans = self._ask_escalation(job, qual, t)
                 if nxt is not None:
                     # Keep the answer in hand: if the escalation never completes, the user
                     # still gets this one (it was paid for).
-                    self._answered[rid] = (qual, job)
-                    self._submit(rid, nxt.llm, t, job.round + 1, 0)
+                    self._answered[rid] = (qual, job, ans)
+                    self._submit_decision(rid, nxt, t, job.round + 1)
                     return
             self._answered.pop(rid, None)
             self._finish(rid, COMPLETED, t, job, qual)
@@ -579,20 +631,24 @@ class Simulation:
             cols["retries"][rid] += 1
             self._offer(rid, self._attempts[rid], t, job.round + 1)
         elif rid in self._answered:
-            qual, kept = self._answered.pop(rid)
+            qual, kept, _ = self._answered.pop(rid)
             self._finish(rid, COMPLETED, t, kept, qual)
         else:
             self._finish(rid, outcome, t, job)
 
     def _topk_job_ended(self, tk: _TopK, job: Job, outcome: int, t: float) -> None:
         """One copy of a fan-out request ended. With keep="primary" the request finishes
-        when the primary answer arrives (later copies only add cost); with "best_judged" or
-        "best_realised" it waits for every copy."""
+        when the primary answer arrives or, if the primary is lost (rejected, failed, given
+        up), when it is lost and another copy has answered, with the first other answer;
+        later copies only add cost. With "best_judged" or "best_realised" it waits for
+        every copy."""
         rid = job.rid
         tk.end_s = max(tk.end_s, t)
         tk.served |= not math.isnan(job.start_s)
         if outcome == COMPLETED:
             tk.results.append((float(self._quality[self._rows_l[rid], job.dep.col]), job))
+            if not tk.results[1:]:
+                tk.first_result_s = t
             if job.primary and tk.keep == "primary" and not tk.finished:
                 tk.finished = True
                 self._finish(rid, COMPLETED, t, job, tk.results[-1][0],
@@ -607,24 +663,37 @@ class Simulation:
                     delay = math.nextafter(delay, math.inf)
                 wake = self.env.timeout(delay)
                 wake.callbacks.append(self._wake)
-        elif outcome == ABANDONED and tk.abandoned is None:
+        elif outcome == ABANDONED and (tk.abandoned is None or job.primary):
+            # The copies share one deadline, so they give up together: the request is
+            # recorded as abandoned at the deployment the policy chose first.
             tk.abandoned = (t, job)
         if job.primary:
             tk.primary_end = (outcome, job)
+            tk.primary_end_s = t
         tk.pending -= 1
+        if (tk.keep == "primary" and not tk.finished and tk.results
+                and tk.primary_end is not None):
+            # The primary is lost and another copy has answered: the user gets that answer
+            # as soon as both are known, not when the slowest copy ends. (An abandonment is
+            # noticed lazily, so its time can precede the answer's.)
+            tk.finished = True
+            qual, kept = tk.results[0]
+            self._wait[rid] += max(tk.waits, default=0.0)
+            self._finish(rid, COMPLETED, max(tk.primary_end_s, tk.first_result_s), kept, qual)
         if tk.pending or tk.finished:
             if not tk.pending:
                 del self._topk[rid]
             return
         del self._topk[rid]
         if tk.results:
-            # Ties go to the earlier answer of the decision (the primary first), not to
+            # keep="primary" finished above (its primary answered, or was lost with an answer
+            # in). Ties go to the earlier answer of the decision (the primary first), not to
             # whichever copy happened to finish first.
             if tk.keep == "best_realised":
                 qual, kept = max(tk.results, key=lambda p: (p[0], -p[1].answer))
                 if len(tk.results) > 1:
                     self.realised_picks += 1
-            elif tk.keep == "best_judged":
+            else:
                 qual, kept = max(
                     tk.results, key=lambda p: (self._judge_score(p[1], p[0]), -p[1].answer)
                 )
@@ -632,8 +701,6 @@ class Simulation:
                     self.rec.cols["cost_usd"][rid] += sum(
                         self._judge_cost(j) for _, j in tk.results
                     )
-            else:  # the primary failed or gave up: deliver the first other answer
-                qual, kept = tk.results[0]
             # The user waited for every copy: the round's wait is its longest queueing.
             self._wait[rid] += max(tk.waits, default=0.0)
             self._finish(rid, COMPLETED, tk.end_s, kept, qual)
@@ -687,14 +754,14 @@ class Simulation:
         return float(self._judge.answer_cost_usd(self._in_tok_l[row],
                                                  float(self._out_tok[row, job.dep.col])))
 
-    def _ask_escalation(self, job: Job, qual: float, now: float) -> Decision | None:
+    def _ask_escalation(self, job: Job, qual: float, now: float) -> tuple[Decision | None, Answer]:
         self._observe(now)
         self.rec.cols["cost_usd"][job.rid] += self._judge_cost(job)  # the answer is judged
         ans = Answer(job.dep.name, self._judge_score(job, qual), job.cost_usd, now - job.enq_s)
         view = self.cluster.view
         view.now = now
         attempts = self._attempts[job.rid]
-        return self.policy.on_answer(self._query(job.rid, attempts), ans, view)
+        return self.policy.on_answer(self._query(job.rid, attempts), ans, view), ans
 
     def _finish(
         self,
@@ -865,7 +932,7 @@ class Simulation:
                 job.seg_start, job.seg_factor = now, factor
                 job.service_s = now - job.start_s + job.work_left * factor
                 job.token += 1
-                ev = self.env.timeout(job.work_left * factor, value=(job, job.token))
+                ev = _At(self.env, job.work_left * factor, PRIORITY_COMPLETION, (job, job.token))
                 ev.callbacks.append(self._on_complete)
 
     # -------------------------------------------------------------------------- results

@@ -472,19 +472,22 @@ def test_the_retry_wake_up_is_not_a_float_short_of_the_deadline(tmp_path):
 
 
 def test_an_answer_in_hand_is_kept_through_several_fan_out_rounds(tmp_path):
-    # Request 2: A answers at 0.6 and it is escalated to E, which fails at 1.0. Round 2 fans
-    # out to B (served, fails at 1.5) and C (busy): retried when C's copy gives up at 5.0.
-    # Round 3 (C and D, both busy, no patience left) gives up too. A's answer, in hand all
-    # along, is what the user gets.
+    # Request 2: A answers at 0.6 and it is escalated to E, which fails at 1.0. With A's
+    # answer in hand, the retry asks on_answer again (not route): round 2 fans out to B
+    # (served, fails at 1.5) and C (busy), retried when C's copy gives up at 5.0. Round 3
+    # (C and D, both busy, no patience left) gives up too. A's answer, in hand all along,
+    # is what the user gets.
     class Rounds(Scripted):
         def route(self, query, view):
-            if query.attempt == 0:
-                return self.plan[query.id]
-            return Decision("B", extra=("C",)) if query.attempt == 2 else Decision(
-                "C", extra=("D",))
+            assert query.attempt == 0, "a request with an answer in hand was routed afresh"
+            return self.plan[query.id]
 
         def on_answer(self, query, answer, view):
-            return Decision("E") if query.id == 2 and query.attempt == 1 else None
+            if query.id != 2:
+                return None
+            assert answer.llm == "A"
+            return {1: Decision("E"), 2: Decision("B", extra=("C",))}.get(
+                query.attempt, Decision("C", extra=("D",)))
 
     sc = traced(
         tmp_path, [0.0, 0.0, 0.1],
@@ -557,3 +560,174 @@ def test_policies_never_learn_from_the_rows_arrivals_sample(split):
         Simulation(sc, pol, inputs, seed=sc.seed)
         assert not np.isin(inputs.rows, pol.ctx.train.rows).any()
         assert (len(pol.ctx.train.rows) == 0) == (split == "all")
+
+
+class CascadeLog(BasePolicy):
+    """A two-step cascade A -> (B, else C) that logs every call the engine makes to it."""
+
+    name = "cascade_log_test"
+
+    def __init__(self, escalation=None):
+        super().__init__()
+        self.calls = []
+        self.escalation = escalation
+
+    def route(self, query, view):
+        self.calls.append(("route", query.id, query.attempt))
+        return Decision("A")
+
+    def on_answer(self, query, answer, view):
+        self.calls.append(("on_answer", query.id, query.attempt, answer.llm))
+        if answer.llm != "A":
+            return None
+        if self.escalation is not None:
+            return self.escalation
+        up = {n for n, ok in zip(view.names, view.up, strict=True) if ok}
+        return next((Decision(n) for n in ("B", "C") if n in up), None)
+
+
+def _cascade_scenario(tmp_path, events, **kw):
+    return traced(
+        tmp_path, [0.0],
+        llms=[llm("A", model="gpt-4", slots=1, service=_det(1.0)),
+              llm("B", model="gpt-4", slots=1, service=_det(5.0)),
+              llm("C", model="gpt-4", slots=1, service=_det(2.0))],
+        events=events, judge={"noise": 0.0, "cost_usd": 0.01},
+        run={"drain_s": None, "max_retries": 2}, **kw,
+    )
+
+
+def test_a_failed_escalation_is_decided_again_from_the_answer_in_hand(tmp_path):
+    # A answers at 1.0 and is escalated to B, which fails in the outage at 3.0. Before, the
+    # retry went back to route: A was called, paid and judged again before escalating again.
+    # Now on_answer decides again on A's answer (judged once): C, up, answers at 5.0.
+    sc = _cascade_scenario(tmp_path, [{"at_s": 3.0, "outage": {"llm": "B", "duration_s": 5.0}}])
+    pol = CascadeLog()
+    res = run(sc, pol)
+    r = res.requests.row(0, named=True)
+    assert pol.calls == [("route", 0, 0), ("on_answer", 0, 1, "A"), ("on_answer", 0, 2, "A"),
+                         ("on_answer", 0, 3, "C")]
+    assert (r["outcome"], r["llm"], r["attempts"], r["retries"]) == ("completed", "C", 3, 1)
+    assert r["end_s"] == pytest.approx(5.0)
+    wl = build_workload(sc, sc.seed)
+    row, col = int(r["row"]), wl.models.index("gpt-4")
+    call = (wl.input_tokens[row] * 10.0 + wl.output_tokens[row, col] * 30.0) / 1e6
+    assert r["cost_usd"] == pytest.approx(2 * call + 2 * 0.01)  # A and C, both judged
+
+
+def test_an_escalation_queued_at_a_removed_llm_is_decided_again_not_routed_afresh(tmp_path):
+    # Request 1's answer from A (1.0 -> 2.0) is escalated to B, busy with request 0 until
+    # 5.0; B is removed at 3.0. The re-offer asks on_answer about A's answer (C is chosen)
+    # instead of routing to A again.
+    sc = traced(
+        tmp_path, [0.0, 1.0],
+        llms=[llm("A", model="gpt-4", slots=1, service=_det(1.0)),
+              llm("B", model="gpt-4", slots=1, service=_det(5.0)),
+              llm("C", model="gpt-4", slots=1, service=_det(2.0))],
+        events=[{"at_s": 3.0, "remove_llm": "B"}], judge={"noise": 0.0},
+        run={"drain_s": None},
+    )
+
+    class FirstToB(CascadeLog):
+        def route(self, query, view):
+            self.calls.append(("route", query.id, query.attempt))
+            return Decision("B") if query.id == 0 else Decision("A")
+
+        def on_answer(self, query, answer, view):
+            if query.id == 0:
+                return None
+            return super().on_answer(query, answer, view)
+
+    pol = FirstToB()
+    r1 = run(sc, pol).requests.row(1, named=True)
+    assert [c for c in pol.calls if c[1] == 1] == [
+        ("route", 1, 0), ("on_answer", 1, 1, "A"), ("on_answer", 1, 2, "A"),
+        ("on_answer", 1, 3, "C")]
+    assert (r1["outcome"], r1["llm"], r1["attempts"]) == ("completed", "C", 3)
+    assert r1["end_s"] == pytest.approx(5.0)
+
+
+def test_an_escalation_that_fans_out_is_a_fan_out_round(tmp_path):
+    # on_answer may return any decision: its extra LLMs were dropped by the engine (which
+    # called B only), while the offline evaluator called B and C and kept the better answer.
+    sc = _cascade_scenario(tmp_path, [])
+    pol = CascadeLog(escalation=Decision("B", extra=("C",), keep="best_realised"))
+    r = run(sc, pol).requests.row(0, named=True)
+    assert (r["outcome"], r["attempts"]) == ("completed", 3)
+    assert r["end_s"] == pytest.approx(6.0)  # the round waits for B (5 s) and C (2 s)
+    assert pol.calls == [("route", 0, 0), ("on_answer", 0, 1, "A")]  # a fan-out ends it
+
+
+def test_a_lost_primary_is_replaced_by_the_first_other_answer_when_it_comes(tmp_path):
+    # keep="primary" with A down: copies on B (1 s) and C (10 s) run. B's answer is the one
+    # delivered, at 1.5; before, the request ended when C's copy did (10.5).
+    sc = traced(
+        tmp_path, [0.5],
+        llms=[llm("A", model="gpt-4", service=_det(1.0)),
+              llm("B", model="gpt-4", service=_det(1.0)),
+              llm("C", model="gpt-4", service=_det(10.0))],
+        events=[{"at_s": 0.0, "outage": {"llm": "A", "duration_s": 100.0}}],
+        run={"drain_s": None},
+    )
+    req = run(sc, Always("A", extra=("B", "C"), keep="primary")).requests
+    r = req.row(0, named=True)
+    assert (r["outcome"], r["llm"], r["end_s"], r["latency_s"]) == (
+        "completed", "B", pytest.approx(1.5), pytest.approx(1.0))
+    assert req["cost_usd"][0] > 0 and r["wait_s"] == 0.0
+
+
+def test_a_primary_lost_after_the_other_answer_ends_the_request_then(tmp_path):
+    # B answers at 1.5 while the primary A still runs; A fails in the outage at 3.0. The
+    # user gets B's answer when the primary is known lost (3.0), not before and not later.
+    sc = traced(
+        tmp_path, [0.5],
+        llms=[llm("A", model="gpt-4", service=_det(10.0)),
+              llm("B", model="gpt-4", service=_det(1.0)),
+              llm("C", model="gpt-4", service=_det(20.0))],
+        events=[{"at_s": 3.0, "outage": {"llm": "A", "duration_s": 1.0}}],
+        run={"drain_s": None, "max_retries": 2},
+    )
+    r = run(sc, Always("A", extra=("B", "C"), keep="primary")).requests.row(0, named=True)
+    assert (r["outcome"], r["llm"], r["end_s"], r["retries"]) == (
+        "completed", "B", pytest.approx(3.0), 0)
+
+
+@pytest.mark.parametrize("previous", [0.2, 1.5])
+def test_an_arrival_at_an_outage_end_sees_the_deployment_up(tmp_path, previous):
+    # Outage [1, 2). Ties used to go by creation order: a request at 2.0 was rejected when
+    # the previous one came before the outage began (its arrival event was older than the
+    # recovery) and served when it came during it.
+    sc = traced(
+        tmp_path, [previous, 2.0],
+        llms=[llm("A", model="gpt-4", service=_det(0.1))],
+        events=[{"at_s": 1.0, "outage": {"llm": "A", "duration_s": 1.0}}],
+        run={"drain_s": None, "max_retries": 0},
+    )
+    r = run(sc, Always("A")).requests.row(1, named=True)
+    assert (r["outcome"], r["start_s"]) == ("completed", 2.0)
+
+
+def test_a_job_ending_as_an_outage_starts_is_completed_not_failed(tmp_path):
+    sc = traced(
+        tmp_path, [0.0],
+        llms=[llm("A", model="gpt-4", service=_det(1.0))],
+        events=[{"at_s": 1.0, "outage": {"llm": "A", "duration_s": 0.5}}],
+        run={"drain_s": None, "max_retries": 0},
+    )
+    r = run(sc, Always("A")).requests.row(0, named=True)
+    assert (r["outcome"], r["end_s"]) == ("completed", 1.0)
+
+
+@pytest.mark.parametrize("primary,extra", [("A", "B"), ("B", "A")])
+def test_an_abandoned_fan_out_is_recorded_at_its_primary(tmp_path, primary, extra):
+    # Both copies queue behind requests 0 and 1 and give up together at 2.1; the request
+    # was recorded at A (the first deployment in cluster order) whichever was the primary.
+    sc = traced(
+        tmp_path, [0.0, 0.0, 0.1, 5.0],
+        llms=[llm(n, model="gpt-4", slots=1, service=_det(10.0)) for n in "AB"],
+        users={"patience_s": {"kind": "deterministic", "mean": 2.0}},
+        run={"drain_s": None},
+    )
+    plan = [Decision("A"), Decision("B"), Decision(primary, extra=(extra,)), Decision("A")]
+    r2 = run(sc, Scripted(plan)).requests.row(2, named=True)
+    assert (r2["outcome"], r2["llm"]) == ("abandoned", primary)
