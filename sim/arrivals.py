@@ -100,16 +100,28 @@ def mmpp_times(spec: MMPPArrivals, duration_s: float, rng: np.random.Generator) 
     return np.concatenate(parts) if parts else np.empty(0)
 
 
+def _jump_stationary(spec: MMPPArrivals) -> np.ndarray:
+    """Stationary distribution of the embedded jump chain (unique: validation refuses a
+    transition matrix with more than one closed class of states)."""
+    w, v = np.linalg.eig(_jump_matrix(spec).T)
+    pi = np.real(v[:, np.argmin(np.abs(w - 1.0))])
+    return pi / pi.sum()
+
+
 def mmpp_mean_rate(spec: MMPPArrivals) -> float:
     """Long-run rate: state rates weighted by the stationary time share of each state."""
-    p = _jump_matrix(spec)
-    # Stationary distribution of the embedded jump chain, then weight by mean sojourn.
-    w, v = np.linalg.eig(p.T)
-    pi = np.real(v[:, np.argmin(np.abs(w - 1.0))])
-    pi = pi / pi.sum()
+    pi = _jump_stationary(spec)
     soj = np.array([s.mean_sojourn_s for s in spec.states])
     share = pi * soj / (pi * soj).sum()
     return float(share @ np.array([s.rate_per_s for s in spec.states]))
+
+
+def mmpp_expected_switches(spec: MMPPArrivals, duration_s: float) -> float:
+    """Long-run number of state switches in `duration_s`: one per mean sojourn, the mean
+    taken over the jump chain's stationary distribution."""
+    pi = _jump_stationary(spec)
+    soj = np.array([s.mean_sojourn_s for s in spec.states])
+    return float(duration_s / (pi @ soj))
 
 
 def trace_times(spec: TraceArrivals, duration_s: float) -> np.ndarray:

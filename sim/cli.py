@@ -196,10 +196,14 @@ def validate(
 
             trace_times(sc.arrivals, sc.duration_s)
         if sc.workload.source == "routerbench" and sc.workload.path:  # as a run checks it
-            from sim.routerbench import check_table
+            from sim.routerbench import check_mix_families, check_table
 
             check_table(Path(sc.workload.path),
                         [s.model_name for s in sc.all_llms()])
+            mixes = [("workload.mix", list(sc.workload.mix or {}))]
+            mixes += [(f"events.{i}.mix_change.mix", list(e.mix_change.mix))
+                      for i, e in enumerate(sc.events) if e.mix_change is not None]
+            check_mix_families(Path(sc.workload.path), [m for m in mixes if m[1]])
     except RouteSimError as exc:
         fail(exc.with_source(_source_of(file)))
     console.print(

@@ -25,6 +25,7 @@ in one batch (sim.embeddings) so no encoder runs during the simulation.
 from __future__ import annotations
 
 import ast
+import difflib
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -198,6 +199,32 @@ def check_table(path: Path, models: Sequence[str]) -> None:
     `routesim validate`: a data file it accepts is one a run can start from)."""
     columns = read_table(path, header_only=True).columns
     check_columns(columns, list(dict.fromkeys(models)), str(path))
+
+
+def check_mix_families(path: Path, mixes: Sequence[tuple[str, Sequence[str]]]) -> None:
+    """Every family a mix names (`(field, names)` pairs) is an `eval_name` of the table
+    (for `routesim validate`; a run checks them when it samples), reading that column only."""
+    if not mixes:
+        return
+    source = str(path)
+    try:
+        if path.suffix.lower() == ".csv":
+            col = pl.read_csv(path, columns=["eval_name"], infer_schema_length=None)
+        else:
+            col = pl.read_parquet(path, columns=["eval_name"])
+    except (pl.exceptions.PolarsError, OSError, ValueError) as exc:
+        raise DataError(f"cannot read the table: {exc}", source=source) from None
+    names = sorted({str(v).strip() for v in col["eval_name"].to_list() if v is not None})
+    for field, families in mixes:
+        for family in families:
+            if family not in names:
+                hint = difflib.get_close_matches(family, names, n=1)
+                raise DataError(
+                    f"unknown task family {family!r}"
+                    + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                    + f"; the data file's families (eval_name): {', '.join(names)}",
+                    source=source, field=f"{field}.{family}",
+                )
 
 
 def read_table(path: Path, *, header_only: bool = False) -> pl.DataFrame:

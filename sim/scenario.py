@@ -12,6 +12,7 @@ import importlib.resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import numpy as np
 import yaml
 from pydantic import (
     BaseModel,
@@ -137,9 +138,12 @@ class WorkloadSpec(Spec):
 
 
 # ------------------------------------------------------------------------------- arrivals
-# Most arrivals, timeline samples or MMPP state switches one run may ask for: 1e8 requests
-# already need tens of GB of request records.
+# Most arrivals or timeline samples one run may ask for: 1e8 requests already need tens of
+# GB of request records.
 MAX_EVENTS = 1e8
+# Most MMPP state switches: each is a step of a Python loop (about 20 us), so 1e6 take
+# about 20 s.
+MAX_MMPP_SWITCHES = 1e6
 
 
 class PoissonArrivals(Spec):
@@ -207,7 +211,28 @@ class MMPPArrivals(Spec):
                     raise ValueError(
                         f"transition[{i}] must have a zero diagonal and a positive sum"
                     )
+            closed = _closed_classes(np.asarray(self.transition, dtype=float) > 0)
+            if len(closed) > 1:
+                groups = " and ".join("{" + ", ".join(map(str, c)) + "}" for c in closed)
+                raise _FieldError(
+                    "arrivals.transition", self.transition,
+                    f"once in states {groups} the process never leaves them, so "
+                    "its long-run rate would depend on where it starts; give a transition "
+                    "matrix in which every state is reachable from every other one (or keep "
+                    "only one such group)"
+                )
         return self
+
+
+def _closed_classes(edges: np.ndarray) -> list[list[int]]:
+    """The closed communicating classes of a directed graph (states no path leaves)."""
+    k = edges.shape[0]
+    reach = edges | np.eye(k, dtype=bool)
+    for m in range(k):  # transitive closure (Floyd-Warshall on booleans)
+        reach |= reach[:, m : m + 1] & reach[m : m + 1, :]
+    closed = {tuple(np.flatnonzero(reach[i])) for i in range(k)
+              if all(reach[j, i] for j in np.flatnonzero(reach[i]))}
+    return sorted([list(map(int, c)) for c in closed])
 
 
 class TraceArrivals(Spec):
@@ -467,7 +492,7 @@ class Scenario(Spec):
         """Values that validate one by one but together ask for a run no machine finishes
         (or that would loop forever): too many expected arrivals, timeline samples or MMPP
         state switches for the duration."""
-        from sim.arrivals import expected_count  # it imports this module
+        from sim.arrivals import expected_count, mmpp_expected_switches  # they import this
 
         arr, d = self.arrivals, self.duration_s
         # The field to name: the (largest) rate as written.
@@ -483,12 +508,13 @@ class Scenario(Spec):
             field, value = f"arrivals.states.{i}.rate_per_s", arr.states[i].rate_per_s
             j = min(range(len(arr.states)), key=lambda j: arr.states[j].mean_sojourn_s)
             sojourn = arr.states[j].mean_sojourn_s
-            if d / sojourn > MAX_EVENTS:
+            switches = mmpp_expected_switches(arr, d)
+            if switches > MAX_MMPP_SWITCHES:
                 raise _FieldError(
                     f"arrivals.states.{j}.mean_sojourn_s", sojourn,
-                    f"gives about {d / sojourn:.3g} state switches in duration_s={d:g}; "
-                    f"at most {MAX_EVENTS:.0e} are simulated (a longer sojourn, or a plain "
-                    "Poisson rate when the states switch that fast)",
+                    f"gives about {switches:.3g} state switches in duration_s={d:g}; "
+                    f"at most {MAX_MMPP_SWITCHES:.0e} are simulated (a longer sojourn, or a "
+                    "plain Poisson rate when the states switch that fast)",
                 )
         expected = expected_count(arr, d)  # None for a trace (checked when it is read)
         if expected is not None and expected > MAX_EVENTS:
@@ -506,17 +532,29 @@ class Scenario(Spec):
             )
 
     def _check_families(self) -> None:
-        """Mix keys of a synthetic workload are catalog families (a data file's task names
-        are checked when it is read)."""
-        if self.workload.source != "synthetic":
+        """Mixes name at least one family. For a synthetic workload: its keys are catalog
+        families, and the families arrivals are asked to draw have rows in the split they
+        sample (the test split's families follow `workload.mix`, the training split's
+        `train_mix`). A data file's task names are checked when it is read (and by
+        `routesim validate`); `train_mix` shapes the synthetic workload only."""
+        wl = self.workload
+        arrival_mixes = [("workload.mix", wl.mix)]
+        arrival_mixes += [(f"events.{i}.mix_change.mix", e.mix_change.mix)
+                          for i, e in enumerate(self.events) if e.mix_change is not None]
+        for where, mix in [*arrival_mixes, ("workload.train_mix", wl.train_mix)]:
+            if mix is not None and not mix:
+                raise _FieldError(where, mix, "an empty mix names no family; name at least "
+                                  "one family with a weight, or leave the mix out")
+        if wl.source != "synthetic":
+            if wl.train_mix is not None:
+                raise _FieldError(
+                    "workload.train_mix", wl.train_mix,
+                    "shapes the synthetic workload's training split only; a data file's "
+                    "split is in the file (remove it, or use workload.mix for arrivals)")
             return
         from sim.catalog import FAMILIES
 
-        mixes = [("workload.mix", self.workload.mix), ("workload.train_mix",
-                                                        self.workload.train_mix)]
-        mixes += [(f"events.{i}.mix_change.mix", e.mix_change.mix)
-                  for i, e in enumerate(self.events) if e.mix_change is not None]
-        for where, mix in mixes:
+        for where, mix in [*arrival_mixes, ("workload.train_mix", wl.train_mix)]:
             for family in mix or {}:
                 if family not in FAMILIES:
                     hint = difflib.get_close_matches(family, FAMILIES, n=1)
@@ -524,6 +562,25 @@ class Scenario(Spec):
                         f"{where}.{family}", family,
                         "unknown task family" + (f" (did you mean {hint[0]!r}?)" if hint else "")
                         + f"; families: {', '.join(FAMILIES)}",
+                    )
+        in_pool: set[str] = set()
+        if wl.split in ("test", "all"):
+            in_pool |= set(wl.mix or FAMILIES)
+        if wl.split in ("train", "validation", "all"):
+            in_pool |= set(wl.train_mix or FAMILIES)
+        for where, mix in arrival_mixes:
+            for family in mix or {}:
+                if family not in in_pool:
+                    rule = {
+                        "test": "the test split's families are workload.mix's",
+                        "all": "its families are workload.mix's (test split) and "
+                               "workload.train_mix's (training split)",
+                    }.get(wl.split, "the training split's families are workload.train_mix's")
+                    raise _FieldError(
+                        f"{where}.{family}", family,
+                        f"has no rows in workload.split={wl.split!r}: {rule} "
+                        f"({', '.join(sorted(in_pool))}); add it there (a mix_change at "
+                        "at_s: 0 can then set the mix arrivals start with)",
                     )
 
     # ---------------------------------------------------------------------- conveniences

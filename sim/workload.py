@@ -177,6 +177,11 @@ def sample_query_rows(
     the whole pool on their own too. Within a walk no row repeats before the walk's rows are
     used up; separate walks do not see each other, so across a mix change (or between mixed
     and unmixed periods) a row can repeat before every row of the pool was asked.
+
+    Common random numbers: the unrestricted walk draws from `rng` itself, and the family
+    draws (one uniform per arrival, in time order) and each family's walk from streams of
+    their own, so a mix change at t leaves every arrival before t with the row it had
+    without the change.
     """
     times = np.asarray(arrival_times, dtype=float)
     n = times.shape[0]
@@ -197,6 +202,7 @@ def sample_query_rows(
     pool_task = workload.task[pool]
     fam_pools: dict[int, np.ndarray] = {}
     chosen_fam = np.full(n, -1, dtype=np.int64)  # -1: unrestricted (no mix in force)
+    fam_u = _stream(rng, 0).random(n) if any(m is not None for m in regimes) else None
     for k, mix in enumerate(regimes):
         if mix is None:
             continue
@@ -214,7 +220,9 @@ def sample_query_rows(
                         f"there: {', '.join(_families_in(workload, pool))}",
                         field=fields[k],
                     )
-        chosen_fam[sel] = np.asarray(idx)[rng.choice(len(idx), size=sel.size, p=weights)]
+        # Inverse CDF of the mix's weights at the arrival's own uniform.
+        pick = np.searchsorted(np.cumsum(weights), fam_u[sel], side="right")
+        chosen_fam[sel] = np.asarray(idx)[np.minimum(pick, len(idx) - 1)]
 
     free = np.flatnonzero(chosen_fam < 0)
     if free.size:
@@ -222,8 +230,17 @@ def sample_query_rows(
     for fi, fpool in fam_pools.items():
         sel = np.flatnonzero(chosen_fam == fi)
         if sel.size:
-            out[sel] = _draw(fpool, sel.size, spec.sample, rng)
+            out[sel] = _draw(fpool, sel.size, spec.sample, _stream(rng, 1 + fi))
     return out
+
+
+def _stream(rng: np.random.Generator, key: int) -> np.random.Generator:
+    """A generator of its own for `key`, derived from `rng`'s seed without drawing from it
+    (two-element spawn key: never one of `rng`'s own spawned children)."""
+    ss = rng.bit_generator.seed_seq
+    return np.random.default_rng(
+        np.random.SeedSequence(ss.entropy, spawn_key=(*ss.spawn_key, 0x5EED, key))
+    )
 
 
 def calibrate_intercepts(accuracy: np.ndarray, logit_sd: float) -> np.ndarray:

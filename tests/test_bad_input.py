@@ -93,10 +93,27 @@ CASES = {
         "users.patience_s.cv", "less than or equal to 1000"),
     "rate_beyond_any_run": (mutate(lambda d: d["arrivals"].update(rate_per_s=1e12)),
                             "arrivals.rate_per_s", "arrivals in duration_s=100"),
+    "empty_mix_change": (
+        mutate(lambda d: d["events"].append({"at_s": 50, "mix_change": {"mix": {}}})),
+        "events.1.mix_change.mix", "an empty mix names no family"),
+    "mix_change_to_a_family_without_rows": (
+        mutate(lambda d: (d["workload"].update(mix={"knowledge_qa": 1}), d["events"].append(
+            {"at_s": 50, "mix_change": {"mix": {"code": 1}}}))),
+        "events.1.mix_change.mix.code", "has no rows in workload.split='test'"),
+    "train_mix_of_a_data_file": (
+        mutate(lambda d: d["workload"].update(source="routerbench", path="x.csv",
+                                              train_mix={"mbpp": 1})),
+        "workload.train_mix", "synthetic workload's training split only"),
+    "mmpp_with_two_closed_classes": (
+        mutate(lambda d: d.update(arrivals={"kind": "mmpp", "states": [
+            {"rate_per_s": 1, "mean_sojourn_s": 1}, {"rate_per_s": 1, "mean_sojourn_s": 1},
+            {"rate_per_s": 50, "mean_sojourn_s": 1}, {"rate_per_s": 50, "mean_sojourn_s": 1}],
+            "transition": [[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1], [0, 0, 1, 0]]})),
+        "arrivals.transition", "once in states {0, 1} and {2, 3}"),
     "mmpp_switching_forever": (
         mutate(lambda d: d.update(arrivals={"kind": "mmpp", "states": [
             {"rate_per_s": 1, "mean_sojourn_s": 1e-20},
-            {"rate_per_s": 2, "mean_sojourn_s": 10}]})),
+            {"rate_per_s": 2, "mean_sojourn_s": 1e-6}]})),
         "arrivals.states.0.mean_sojourn_s", "state switches"),
     "samples_beyond_any_run": (mutate(lambda d: d.update(run={"sample_every_s": 1e-300})),
                                "run.sample_every_s", "timeline samples"),
@@ -338,6 +355,25 @@ def test_a_looped_trace_beyond_any_run_is_refused(tmp_path):
         arrivals={"kind": "trace", "path": "trace.csv", "loop": True}))
     res = runner.invoke(app, ["validate", str(write(tmp_path, data))])
     assert res.exit_code == 2 and "arrivals.loop" in res.output, res.output
+
+
+def test_validate_reads_the_data_files_family_names(tmp_path):
+    # A typo in a RouterBench mix passed validate and failed every run.
+    from test_routerbench import make_rows
+    from test_routerbench import write as write_table
+
+    path = write_table(tmp_path, make_rows())
+    sc = tmp_path / "rb.yaml"
+    sc.write_text(yaml.safe_dump({
+        "name": "rb", "duration_s": 100, "arrivals": {"kind": "poisson", "rate_per_s": 1},
+        "workload": {"source": "routerbench", "path": str(path), "reference_llm": "big-model",
+                     "encoder": {"kind": "hashing"}},
+        "llms": [{"name": "big-model", "price_in_per_mtok": 1, "price_out_per_mtok": 1}],
+        "events": [{"at_s": 10, "mix_change": {"mix": {"quiz": 1, "cods": 1}}}],
+    }))
+    res = runner.invoke(app, ["validate", str(sc)])
+    assert res.exit_code == 2, res.output
+    assert "events.0.mix_change.mix.cods" in res.output and "did you mean 'code'" in res.output
 
 
 def test_validate_reads_the_data_files_columns(tmp_path):

@@ -329,6 +329,23 @@ def test_mix_changes_take_effect_at_their_time(default_workload: Workload):
     assert set(fams[times < 100]) == {"math"} and set(fams[times >= 100]) == {"code"}
 
 
+@pytest.mark.parametrize("sample", ["with_replacement", "without_replacement"])
+@pytest.mark.parametrize("start_mix", [None, {"math": 1.0, "code": 2.0}])
+def test_a_mix_change_leaves_the_queries_before_it_alone(default_workload, sample, start_mix):
+    # Common random numbers: the family draws and family walks used to share one stream
+    # with the rest, so adding a change at t=150 replaced most rows asked before 150 too.
+    w = default_workload
+    times = np.sort(np.random.default_rng(8).uniform(0, 300, 3000))
+    spec = WorkloadSpec(sample=sample, mix=start_mix)
+    base = sample_query_rows(w, spec, times, [], np.random.default_rng(9))
+    for change in ({"open_chat": 1.0}, {"math": 3.0, "reasoning": 1.0}):
+        rows = sample_query_rows(w, spec, times, [(150.0, change)], np.random.default_rng(9))
+        before = times < 150.0
+        np.testing.assert_array_equal(rows[before], base[before])
+        fams = set(np.array(w.task_names)[w.task[rows[~before]]])
+        assert fams == set(change)
+
+
 def test_sampler_is_deterministic_and_handles_a_million_arrivals(default_workload: Workload):
     w = default_workload
     times = np.sort(np.random.default_rng(6).uniform(0, 3600, 1_000_000))
