@@ -555,12 +555,19 @@ def planning_p95_wait(measured: pl.DataFrame) -> float:
 
 
 def _percentile(w: np.ndarray, q: float) -> float:
-    """np.percentile where interpolating towards an infinite wait gives inf (not NaN)."""
+    """np.percentile's linear interpolation, with infinite waits (rejections) allowed: a
+    rank that falls on a finite value is that value (numpy gives NaN there when the next
+    value is infinite: a + (inf - a) * 0); between a finite and an infinite one it is inf."""
     if not w.size:
         return 0.0
-    with np.errstate(invalid="ignore"):  # inf - inf inside the interpolation
-        v = float(np.percentile(w, q))
-    return math.inf if math.isnan(v) else v
+    s = np.sort(w)
+    h = (s.size - 1) * q / 100.0
+    lo = int(math.floor(h))
+    frac = h - lo
+    if frac == 0.0 or lo + 1 >= s.size:
+        return float(s[lo])
+    a, b = float(s[lo]), float(s[lo + 1])
+    return math.inf if math.isinf(b) else a + frac * (b - a)
 
 
 def llm_stats(

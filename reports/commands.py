@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from sim.errors import RouteSimError
@@ -30,13 +31,13 @@ def report(
 ) -> None:
     """Write OUT/report.html (self-contained, works offline) from the runs under OUT."""
     from reports.html import write_run_report
-    from sim.cli import console, fail
+    from sim.cli import fail, say
 
     try:
         path = write_run_report(out, baseline=baseline)
     except RouteSimError as exc:
         fail(exc)
-    console.print(f"report: {path}")
+    say(f"report: {path}")
 
 
 def plan(
@@ -58,15 +59,16 @@ def plan(
 ) -> None:
     """Cheapest replica counts of the self-hosted LLMs meeting a p95 wait SLO."""
     from reports.capacity import Planner, write_plan
-    from sim.cli import _source_of, console, fail, load_for_cli
+    from sim.cli import _source_of, console, fail, load_for_cli, say
     from sim.record import check_out_dir
 
     def show(ev) -> None:
         reps = ", ".join(f"{n}={k}" for n, k in zip(planner.llms, ev.config, strict=True))
         mark = "[green]ok[/]" if ev.feasible else "[red]no[/]"
         console.print(
-            f"  {ev.stage:>8}  {reps}: ${ev.cost_per_hour:.2f}/h, p95 wait "
-            f"{ev.p95_wait_s:.2f} s, quality {ev.quality_pct:.1f}%  {mark}", highlight=False
+            escape(f"  {ev.stage:>8}  {reps}: ${ev.cost_per_hour:.2f}/h, p95 wait "
+                   f"{ev.p95_wait_s:.2f} s, quality {ev.quality_pct:.1f}%  ") + mark,
+            highlight=False,
         )
 
     try:
@@ -76,9 +78,9 @@ def plan(
         planner = Planner(sc, policy, slo_p95_wait, max_replicas=max_replicas,
                           quality_floor=quality_floor, seeds=seeds,
                           max_evaluations=max_evaluations, on_evaluation=show)
-        console.print(f"planning {', '.join(planner.llms)} of {sc.name} for "
-                      f"{planner.policy.display}: p95 wait <= {slo_p95_wait:g} s, "
-                      f"{len(planner.seeds)} replication(s) per configuration")
+        say(f"planning {', '.join(planner.llms)} of {sc.name} for "
+            f"{planner.policy.display}: p95 wait <= {slo_p95_wait:g} s, "
+            f"{len(planner.seeds)} replication(s) per configuration")
         result = planner.plan()
         json_path, html_path = write_plan(result, out)
     except RouteSimError as exc:
@@ -90,10 +92,11 @@ def plan(
     t.add_column("late", justify="right")
     for name, n in result.replicas().items():
         d = result.chosen.per_llm[name]
-        t.add_row(name + (" (bottleneck)" if name == result.chosen.bottleneck else ""), str(n),
+        t.add_row(escape(name + (" (bottleneck)" if name == result.chosen.bottleneck else "")),
+                  str(n),
                   f"{100 * d['utilisation']:.0f}%", f"{100 * d['late_share']:.1f}%")
     console.print(t)
-    console.print(result.message, highlight=False)
-    console.print(f"plan: {json_path}  {html_path}")
+    say(result.message)
+    say(f"plan: {json_path}  {html_path}")
     if not result.feasible:
         raise typer.Exit(EXIT_NO_PLAN)

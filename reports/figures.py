@@ -133,10 +133,19 @@ def frontier_figure(
             name="Pareto front (excl. upper bounds)", line={"dash": "dot", "color": "#999"},
             hoverinfo="skip",
         ))
-    fig.update_xaxes(title=f"cost, % of sending every query to {ref} (log scale)", type="log")
+    fig.update_xaxes(**cost_axis([x for tr in fig.data for x in (tr.x or ())],
+                                 f"cost, % of sending every query to {ref}"))
     fig.update_yaxes(title=f"quality, % of {ref}'s")
     return _layout(fig, "Quality vs cost: routers (mean, 95% CI over seeds) and single LLMs",
                    height=520)
+
+
+def cost_axis(costs: Sequence[float], title: str) -> dict:
+    """A log cost axis (costs span orders of magnitude), unless a point costs nothing
+    (self-hosted LLMs at zero price): a log axis cannot show it, so the axis is linear."""
+    if any(c is not None and c <= 0 for c in costs):
+        return {"title": f"{title} (linear scale: some points cost 0%)", "type": "linear"}
+    return {"title": f"{title} (log scale)", "type": "log"}
 
 
 def pareto_front(points: Sequence[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
@@ -346,7 +355,8 @@ def slo_figure(
             x=runs.policies, y=ys, name=label, opacity=opacity,
             marker={"color": [colours[p] for p in runs.policies]},
             error_y={"type": "data", "symmetric": False, "array": hi, "arrayminus": lo},
-            text=[f"{v:.1f}%" for v in ys], textposition="outside",
+            # No value (nothing measured in any seed): no label, rather than "nan%".
+            text=["" if math.isnan(v) else f"{v:.1f}%" for v in ys], textposition="outside",
             hovertemplate=f"%{{x}}<br>{label} %{{y:.1f}}%<extra></extra>",
         ))
     slo = runs.scenario.slo.p95_wait_s if runs.scenario else None

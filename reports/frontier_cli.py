@@ -13,8 +13,10 @@ from typing import Annotated
 import plotly.graph_objects as go
 import polars as pl
 import typer
+from rich.markup import escape
 from rich.table import Table
 
+from reports.figures import cost_axis
 from sim.errors import RouteSimError
 
 DEFAULT_SCENARIO = "routerbench_steady"
@@ -44,10 +46,9 @@ def frontier_figure(points: pl.DataFrame, title: str) -> go.Figure:
             text=[f"{r['knob']}={r['knob_value']}" if r["knob"] else name
                   for r in sub.iter_rows(named=True)],
         ))
-    fig.update_layout(
-        title=title, xaxis_title="cost, % of reference LLM", yaxis_title="quality, % of "
-        "reference LLM", xaxis_type="log", template="plotly_white", height=600,
-    )
+    fig.update_layout(title=title, yaxis_title="quality, % of reference LLM",
+                      template="plotly_white", height=600)
+    fig.update_xaxes(**cost_axis(points["cost_pct"].to_list(), "cost, % of reference LLM"))
     return fig
 
 
@@ -63,7 +64,8 @@ def aiq_rich_table(summary: pl.DataFrame, title: str) -> Table:
     for r in summary.iter_rows(named=True):
         br = r["beats_random"]
         t.add_row(
-            r["policy"] + (" (upper bound)" if r["kind"] in ("oracle", "upper_bound") else ""),
+            escape(r["policy"]
+                   + (" (upper bound)" if r["kind"] in ("oracle", "upper_bound") else "")),
             f(r["aiq"]), f(r["default_quality_pct"]), f(r["default_cost_pct"]),
             f(r["quality_at_random_cost"]), "-" if br is None else ("yes" if br else "no"),
         )
@@ -87,7 +89,7 @@ def register(app: typer.Typer) -> None:
         """Sweep each router's trade-off knob on the test split (uncongested): frontier + AIQ."""
         from policies import registry
         from reports.frontier import frontier_table
-        from sim.cli import console, fail, load_for_cli
+        from sim.cli import console, fail, load_for_cli, say
         from sim.context import llm_info
         from sim.record import check_out_dir, write_parquet, write_text
         from sim.runner import build_workload
@@ -108,7 +110,7 @@ def register(app: typer.Typer) -> None:
                 # It joins later (an add_llm event); the % units need it as a point.
                 llms.append(llm_info(sc.llm(ref_name), wl, field="workload.reference_llm"))
             ref = next(x for x in llms if x.name == ref_name)
-            with console.status(f"sweeping {', '.join(names)}"):
+            with console.status(escape(f"sweeping {', '.join(names)}")):
                 res = frontier_table(wl, llms, ref, names, seed=s, judge=sc.judge)
         except RouteSimError as exc:
             fail(exc)
@@ -123,5 +125,4 @@ def register(app: typer.Typer) -> None:
         page.figure(frontier_figure(res.points, "quality vs cost, % of the reference LLM"))
         page.table(list(res.summary.columns), [list(r) for r in res.summary.iter_rows()])
         write_text(page.render(), out / "frontier.html")
-        console.print(f"outputs: {out}/frontier_points.parquet, frontier_aiq.parquet, "
-                      "frontier.html")
+        say(f"outputs: {out}/frontier_points.parquet, frontier_aiq.parquet, frontier.html")

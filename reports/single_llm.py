@@ -70,7 +70,10 @@ def single_llm_points(runs: ScenarioRuns) -> tuple[list[SingleLLMPoint], str]:
             return [], f"single-LLM points unavailable: {exc}"
         m = req.filter(req["arrival_s"] >= sc.warmup_s)
         rows = m["row"].to_numpy()
-        if rows.size == 0 or rows.max(initial=-1) >= workload.n:
+        if rows.size == 0:
+            return [], (f"single-LLM points unavailable: seed {seed} has no measured "
+                        f"requests (none arrived after warmup_s={sc.warmup_s:g})")
+        if rows.max() >= workload.n:
             return [], "single-LLM points unavailable: the workload rebuilt from scenario.yaml " \
                 "does not match the recorded queries"
         ref_spec = sc.llm(sc.workload.reference_llm)

@@ -259,14 +259,14 @@ def register(app) -> None:
         out: Path = typer.Argument(..., help="a sweep's output directory"),
     ) -> None:
         """Write OUT/sweep_report.html from OUT/sweep.parquet."""
-        from sim.cli import console, fail
+        from sim.cli import fail, say
         from sim.errors import RouteSimError
 
         try:
             path = write_sweep_report(out)
         except RouteSimError as exc:
             fail(exc)
-        console.print(f"report: {path}")
+        say(f"report: {path}")
 
 
 def main(argv: list[str] | None = None) -> None:  # pragma: no cover

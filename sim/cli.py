@@ -38,6 +38,11 @@ app = typer.Typer(
 console = Console(width=None if sys.stdout.isatty() else 140)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
 
+
+def say(text: str) -> None:
+    """Print plain text (paths and labels are not rich markup: "runs[1]" keeps "[1]")."""
+    console.print(text, markup=False, highlight=False)
+
 EXIT_BAD_INPUT = 2
 
 
@@ -141,7 +146,7 @@ def run(
 
         def on_progress(label: str, t: float) -> None:
             frac = min(t / horizon, 1.0) if horizon > 0 else 1.0
-            prog.update(task, completed=done["n"] + frac, description=f"{sc.name}: {label}")
+            prog.update(task, completed=done["n"] + frac, description=escape(f"{sc.name}: {label}"))
 
         def on_done(_summary: dict) -> None:
             done["n"] += 1
@@ -173,8 +178,8 @@ def run(
                 path = write_run_report(out)
             except RouteSimError as exc:
                 fail(exc)
-            console.print(f"report: {path}")
-    console.print(f"outputs: {out}/ (summary.parquet, {sc.name}/<policy>/seed<k>/)")
+            say(f"report: {path}")
+    say(f"outputs: {out}/ (summary.parquet, {sc.name}/<policy>/seed<k>/)")
 
 
 @app.command()
@@ -207,8 +212,10 @@ def validate(
     except RouteSimError as exc:
         fail(exc.with_source(_source_of(file)))
     console.print(
-        f"[green]ok[/]: {file}: scenario {sc.name!r}, {len(sc.llms)} LLM(s), "
-        f"{len(sc.events)} event(s), policies: {', '.join(s.display for s in specs)}"
+        "[green]ok[/]: " + escape(
+            f"{file}: scenario {sc.name!r}, {len(sc.llms)} LLM(s), {len(sc.events)} "
+            f"event(s), policies: {', '.join(s.display for s in specs)}"),
+        highlight=False,
     )
 
 
@@ -224,7 +231,8 @@ def list_things() -> None:
     for name in registry.names():
         cls = registry.get(name)
         params = ", ".join(cls.Params.model_fields) or "-"
-        t.add_row(name, params, cls.label or (cls.__doc__ or "").strip().splitlines()[0])
+        note = cls.label or (cls.__doc__ or "").strip().splitlines()[0]
+        t.add_row(escape(name), params, escape(note))
     console.print(t)
     s = Table(title="built-in scenarios")
     s.add_column("name")
@@ -237,7 +245,7 @@ def list_things() -> None:
         if path is not None:
             lines = [ln[1:].strip() for ln in path.read_text().splitlines() if ln.startswith("#")]
             first = " ".join(lines)[:110]
-        s.add_row(name, first)
+        s.add_row(name, escape(first))
     console.print(s)
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+from rich.markup import escape
 from rich.table import Table
 from scipy import stats
 
@@ -267,13 +268,17 @@ def compare_tables(
             t.add_column(METRICS_BY_KEY[m].label if m in METRICS_BY_KEY else m, justify="right")
         t.add_column("seeds", justify="right")
         for p in policies:
-            name = p + (" (upper bound)" if p in upper_bound else "")
+            # Labels are text, not rich markup: "mixllm[beta=0]" must not lose "[beta=0]".
+            name = escape(p + (" (upper bound)" if p in upper_bound else ""))
             vals = [format_mean(cell[(p, m)], _metric(m)) for m in metrics]
-            t.add_row(name, *vals, str(cell[(p, metrics[0])]["n"]) if metrics else "")
+            # Seeds run (a metric undefined in some seeds, e.g. with nothing measured, has
+            # fewer values).
+            n_p = max((int(cell[(p, m)]["n"] or 0) for m in metrics), default=0)
+            t.add_row(name, *vals, str(n_p) if metrics else "")
         tables.append(t)
         if seeds > 1:
             d = Table(
-                title=f"{scenario}: paired difference vs {base} (same seeds), mean "
+                title=f"{scenario}: paired difference vs {escape(base)} (same seeds), mean "
                 f"[95% CI]; * = CI excludes 0",
             )
             d.add_column("policy")
@@ -282,7 +287,7 @@ def compare_tables(
             for p in policies:
                 if p == base:
                     continue
-                name = p + (" (upper bound)" if p in upper_bound else "")
+                name = escape(p + (" (upper bound)" if p in upper_bound else ""))
                 d.add_row(name, *[format_diff(cell[(p, m)], _metric(m)) for m in metrics])
             tables.append(d)
     return tables

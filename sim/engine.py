@@ -47,6 +47,7 @@ from sim.record import (
     ABANDONED,
     COMPLETED,
     FAILED,
+    IN_FLIGHT,
     REJECT_DOWN,
     REJECT_QUEUE_FULL,
     REJECT_RATE_LIMITED,
@@ -941,10 +942,17 @@ class Simulation:
         # In flight at the end: the current round's wait so far; a fan-out's copies queue at
         # the same time, so its round counts its longest-waiting copy once.
         waiting: dict[int, float] = {}
+        outcome, llm = self.rec.cols["outcome"], self.rec.cols["llm"]
         for d in self.cluster.deployments:
             for job in d.queue:
                 if job.state == QUEUED:
                     waiting[job.rid] = max(waiting.get(job.rid, 0.0), end_s - job.enq_s)
+            # In flight: where it is queued or served (a fan-out: its primary copy, if that
+            # is still out), so route shares count the backlog of a slow deployment too.
+            for job in [j for j in d.queue if j.state == QUEUED] + [
+                    j for r in d.running for j in r]:
+                if outcome[job.rid] == IN_FLIGHT and (llm[job.rid] < 0 or job.primary):
+                    llm[job.rid] = d.idx
         for rid, tk in self._topk.items():
             if tk.finished:  # delivered: later copies are not the user's wait
                 waiting.pop(rid, None)

@@ -36,7 +36,8 @@ REQUEST_COLUMNS: dict[str, tuple[str, float | int]] = {
     "input_tokens": ("i4", 0),
     # Index into the run's LLM names: the deployment whose answer was kept; for a request
     # not completed, where its last call ended (a fan-out: its primary copy's, or the
-    # deployment where its user gave up).
+    # deployment where its user gave up); in flight when the run ended, where it was
+    # queued or in service (a fan-out: its primary copy, if still out).
     "llm": ("i2", -1),
     "outcome": ("i1", IN_FLIGHT),
     "reject_reason": ("i1", -1),  # one of REJECT_REASONS when rejected; null otherwise

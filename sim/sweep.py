@@ -853,6 +853,7 @@ def register(app) -> None:
         report: Annotated[bool, typer.Option(help="write OUT/sweep_report.html")] = True,
     ) -> None:
         """Run every cell of a grid in parallel; resumes, skipping finished cells."""
+        from rich.markup import escape
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -861,7 +862,7 @@ def register(app) -> None:
             TimeElapsedColumn,
         )
 
-        from sim.cli import console, fail, terminate_as_exit
+        from sim.cli import console, fail, say, terminate_as_exit
 
         try:
             g = load_grid(grid)
@@ -901,13 +902,13 @@ def register(app) -> None:
                 fail(exc)
             except KeyboardInterrupt:
                 prog.stop()
-                console.print(f"interrupted; finished cells are kept in {out_dir}/"
-                              f"{CELLS_DIR}; run the same command again to resume")
+                say(f"interrupted; finished cells are kept in {out_dir}/{CELLS_DIR}; run "
+                    "the same command again to resume")
                 raise typer.Exit(130) from None
             except SystemExit:  # SIGTERM (terminate_as_exit)
                 prog.stop()
-                console.print(f"terminated; finished cells are kept in {out_dir}/"
-                              f"{CELLS_DIR}; run the same command again to resume")
+                say(f"terminated; finished cells are kept in {out_dir}/{CELLS_DIR}; run "
+                    "the same command again to resume")
                 raise
         console.print(
             f"{len(res.cells)} cells: {res.ran - res.failed} ran, {res.skipped} skipped "
@@ -917,14 +918,15 @@ def register(app) -> None:
         if res.failed:
             bad = res.frame.filter(pl.col("status") == "failed")
             for r in bad.head(5).iter_rows(named=True):
-                console.print(f"[red]failed[/] {r['cell_id']}: {r['error']}", highlight=False)
-            console.print(f"tracebacks: {out_dir}/{CELLS_DIR}/<cell-id>/{ERROR_FILE}")
-        console.print(f"results: {out_dir / SWEEP_PARQUET}")
+                console.print("[red]failed[/] " + escape(f"{r['cell_id']}: {r['error']}"),
+                              highlight=False)
+            say(f"tracebacks: {out_dir}/{CELLS_DIR}/<cell-id>/{ERROR_FILE}")
+        say(f"results: {out_dir / SWEEP_PARQUET}")
         if report:
             for hook in AFTER_SWEEP_HOOKS:
                 path = hook(out_dir)
                 if path is not None:
-                    console.print(f"report: {path}")
+                    say(f"report: {path}")
         if res.failed:
             raise typer.Exit(1)
 

@@ -259,3 +259,21 @@ def test_plan_errors_in_a_scenario_policys_params_point_at_its_entry(tmp_path):
     assert res.exit_code == 2
     assert f"{path}: policies.1.params.strong: 'gpt-5'" in res.output
     assert not (tmp_path / "p").exists()
+
+
+def test_the_planning_percentile_interpolates_like_numpy_and_handles_rejections():
+    import numpy as np
+
+    from reports.capacity import _percentile
+
+    rng = np.random.default_rng(3)
+    for n in (1, 2, 20, 21, 101):
+        w = rng.exponential(1.0, n)
+        for q in (50.0, 95.0, 99.0):
+            assert _percentile(w, q) == pytest.approx(float(np.percentile(w, q)), rel=1e-12)
+    # 21 waits, one rejection (inf): the 95th percentile's rank (19) is the finite 1.0;
+    # numpy gives NaN there (1.0 + (inf - 1.0) * 0), which used to become inf.
+    w = np.array([0.0] * 19 + [1.0, math.inf])
+    assert _percentile(w, 95.0) == 1.0
+    assert _percentile(np.array([0.0] * 18 + [1.0, math.inf, math.inf]), 95.0) == math.inf
+    assert _percentile(np.array([0.0, 2.0, math.inf]), 25.0) == 1.0
