@@ -658,38 +658,27 @@ def test_an_escalation_that_fans_out_is_a_fan_out_round(tmp_path):
     assert pol.calls == [("route", 0, 0), ("on_answer", 0, 1, "A")]  # a fan-out ends it
 
 
-def test_a_lost_primary_is_replaced_by_the_first_other_answer_when_it_comes(tmp_path):
-    # keep="primary" with A down: copies on B (1 s) and C (10 s) run. B's answer is the one
-    # delivered, at 1.5; before, the request ended when C's copy did (10.5).
+@pytest.mark.parametrize("a_service,outage,end_s", [
+    # A is down throughout: copies on B (1 s) and C (20 s) run; B's answer is delivered at
+    # 1.5. Before, the request ended when C's copy did (20.5).
+    (1.0, {"at_s": 0.0, "outage": {"llm": "A", "duration_s": 100.0}}, 1.5),
+    # B answers at 1.5 while A still runs; A fails in the outage at 3.0: B's answer is
+    # delivered when the primary is known lost, not before and not later (or retried).
+    (10.0, {"at_s": 3.0, "outage": {"llm": "A", "duration_s": 1.0}}, 3.0),
+])
+def test_a_lost_primary_is_replaced_by_the_first_other_answer(tmp_path, a_service, outage,
+                                                              end_s):
     sc = traced(
         tmp_path, [0.5],
-        llms=[llm("A", model="gpt-4", service=_det(1.0)),
-              llm("B", model="gpt-4", service=_det(1.0)),
-              llm("C", model="gpt-4", service=_det(10.0))],
-        events=[{"at_s": 0.0, "outage": {"llm": "A", "duration_s": 100.0}}],
-        run={"drain_s": None},
-    )
-    req = run(sc, Always("A", extra=("B", "C"), keep="primary")).requests
-    r = req.row(0, named=True)
-    assert (r["outcome"], r["llm"], r["end_s"], r["latency_s"]) == (
-        "completed", "B", pytest.approx(1.5), pytest.approx(1.0))
-    assert req["cost_usd"][0] > 0 and r["wait_s"] == 0.0
-
-
-def test_a_primary_lost_after_the_other_answer_ends_the_request_then(tmp_path):
-    # B answers at 1.5 while the primary A still runs; A fails in the outage at 3.0. The
-    # user gets B's answer when the primary is known lost (3.0), not before and not later.
-    sc = traced(
-        tmp_path, [0.5],
-        llms=[llm("A", model="gpt-4", service=_det(10.0)),
+        llms=[llm("A", model="gpt-4", service=_det(a_service)),
               llm("B", model="gpt-4", service=_det(1.0)),
               llm("C", model="gpt-4", service=_det(20.0))],
-        events=[{"at_s": 3.0, "outage": {"llm": "A", "duration_s": 1.0}}],
-        run={"drain_s": None, "max_retries": 2},
+        events=[outage], run={"drain_s": None, "max_retries": 2},
     )
     r = run(sc, Always("A", extra=("B", "C"), keep="primary")).requests.row(0, named=True)
-    assert (r["outcome"], r["llm"], r["end_s"], r["retries"]) == (
-        "completed", "B", pytest.approx(3.0), 0)
+    assert (r["outcome"], r["llm"], r["end_s"], r["latency_s"], r["retries"]) == (
+        "completed", "B", pytest.approx(end_s), pytest.approx(end_s - 0.5), 0)
+    assert r["cost_usd"] > 0 and r["wait_s"] == 0.0
 
 
 @pytest.mark.parametrize("previous", [0.2, 1.5])
