@@ -18,6 +18,12 @@ training rows that picks the default lambda, then
     RouterBench's do (compare the full-information ceilings). With --holdout-share H, both
     are scored on a share H of the training rows held out from the fit and the stream
     instead of on the test split (the stream is then the other 1 - 0.3 - H).
+(e) bandit: what the information bandit feedback gives is worth, whatever learns from it.
+    On the subsets of (b), the predictors are refitted offline on the 30% plus, for each
+    streamed query, one answer only: the answer of the LLM the offline policy chose (what
+    its users' feedback reveals) or of a uniformly random LLM (feedback under pure
+    exploration); then scored on the test split like (b), against the offline-only policy
+    and the full-information ceiling.
 (d) top-k (the paper's open question): k = 1, 2, 3 best-scored LLMs answer; the user keeps
     the primary answer, the one the scenario judge scores highest (`best_judged`), or the
     best realised one (`best_realised`, an upper bound); quality and cost at the default
@@ -34,7 +40,7 @@ Data: the shared RouterBench CSV, located relative to the repository (or $ROUTES
 or --data). Prompt embeddings come from the workload loader (cached on disk after the first
 run, which takes minutes on CPU).
 
-    python benchmarks/bench_mixllm.py [--part all|tune|frontier|online|ablation|topk]
+    python benchmarks/bench_mixllm.py [--part all|tune|frontier|online|bandit|ablation|topk]
         [--seeds 30] [--data CSV] [--baselines knn,...] [--no-tags] [--params JSON]
         [--workload routerbench|synthetic] [--n-queries 6000] [--offline-share 0.3]
 """
@@ -299,6 +305,68 @@ def part_online(wl, llms, ref, seeds: int, online_params: dict | None = None,
           "stream could gain at most. Paper: +1.31% with binary feedback.")
 
 
+# ------------------------------------------------------------------------------ (e)
+def _subset(full: TrainingSet, idx: np.ndarray) -> TrainingSet:
+    idx = np.sort(idx)
+    return TrainingSet(rows=full.rows[idx], models=full.models, quality=full.quality[idx],
+                       output_tokens=full.output_tokens[idx],
+                       valid_mask=np.zeros(len(idx), dtype=bool))
+
+
+def part_bandit(wl, llms, ref, seeds: int, share: float = 0.3) -> None:
+    from policies.quality_model import hull_mean_quality
+
+    full = training_set(wl)
+    test = wl.rows(SPLIT_TEST)
+    cols = np.array([x.model_col for x in llms])
+    print(f"\n(e) bandit information: fit on {share:.0%} of train+validation plus one answer "
+          f"per streamed query (the other {1 - share:.0%}), refitted offline; AIQ 5-50% on the "
+          "test split minus the offline-only policy's")
+    print(f"{'seed':>4s} {'offline AIQ':>11s} {'own choices':>11s} {'random LLM':>10s} "
+          f"{'all answers':>11s}")
+
+    def aiq(pol, stream) -> float:
+        # Route the stream first without feedback, as (b) does for every policy: routing
+        # alone moves the LinUCB bonus, and the comparison must not credit that to the fit.
+        evaluate_offline(pol, wl, llms, full.rows[stream], reference=ref, seed=0)
+        c, q = test_frontier(pol, wl, llms, ref, test)
+        return hull_mean_quality(c, q, 5.0, 50.0)
+
+    out = []
+    for seed in range(seeds):
+        perm = np.random.default_rng(1000 + seed).permutation(len(full.rows))  # as (b)
+        k = int(round(share * len(perm)))
+        keep, stream = perm[:k], perm[k:]
+        off = registry.create("mixllm", {})
+        off.setup(context(wl, llms, ref, _subset(full, keep), seed))
+        chosen = evaluate_offline(off, wl, llms, full.rows[stream], reference=ref,
+                                  seed=seed).chosen
+        off = registry.create("mixllm", {})
+        off.setup(context(wl, llms, ref, _subset(full, keep), seed))
+        a_off = aiq(off, stream)
+        random_llm = np.random.default_rng(seed).integers(len(llms), size=len(stream))
+        row = [a_off]
+        for answered in (cols[chosen], cols[random_llm]):
+            pol = registry.create("mixllm", {"knn_k": int(off.knn_k or 100)})
+            both = np.sort(np.concatenate([keep, stream]))
+            pol.setup(context(wl, llms, ref, _subset(full, both), seed))
+            pos = np.searchsorted(both, keep), np.searchsorted(both, stream)
+            pol.refit_columns({int(c): np.concatenate([pos[0], pos[1][answered == c]])
+                               for c in np.unique(cols)})
+            row.append(aiq(pol, stream))
+        ceil = registry.create("mixllm", {})
+        ceil.setup(context(wl, llms, ref, full, seed))
+        row.append(aiq(ceil, stream))
+        out.append([v - a_off for v in row[1:]])
+        print(f"{seed:4d} {a_off:11.2f} {row[1] - a_off:+11.2f} {row[2] - a_off:+10.2f} "
+              f"{row[3] - a_off:+11.2f}")
+    d = np.array(out)
+    se = d.std(axis=0, ddof=1) / np.sqrt(len(d)) if len(d) > 1 else np.full(3, np.nan)
+    print(f"mean minus offline-only (se): own choices {d[:, 0].mean():+.2f} ({se[0]:.2f}), "
+          f"random LLM {d[:, 1].mean():+.2f} ({se[1]:.2f}), all answers {d[:, 2].mean():+.2f} "
+          f"({se[2]:.2f})")
+
+
 # ------------------------------------------------------------------------------ (d)
 TOPK_KEEP = ("primary", "best_judged", "best_realised")
 TOPK_JUDGE_SEEDS = 10  # best_judged depends on the judge's draws: mean (sd) over these
@@ -444,7 +512,8 @@ def part_ablation(wl, llms, ref, with_tags: bool) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--part", default="all",
-                    choices=["all", "tune", "frontier", "online", "ablation", "topk"])
+                    choices=["all", "tune", "frontier", "online", "bandit", "ablation",
+                             "topk"])
     ap.add_argument("--data", default=None, help="RouterBench-format CSV")
     ap.add_argument("--encoder", default="transformer", choices=["transformer", "hashing"])
     ap.add_argument("--seeds", type=int, default=30, help="random offline subsets in (b) "
@@ -485,6 +554,8 @@ def main() -> None:
     if args.part in ("all", "online"):
         part_online(wl, llms, ref, args.seeds, json.loads(args.params), args.offline_share,
                     args.holdout_share)
+    if args.part in ("all", "bandit"):
+        part_bandit(wl, llms, ref, args.seeds, args.offline_share)
     if args.part in ("all", "ablation"):
         part_ablation(wl, llms, ref, args.tags)
     if args.part in ("all", "topk"):

@@ -555,9 +555,10 @@ def planning_p95_wait(measured: pl.DataFrame) -> float:
 
 
 def _percentile(w: np.ndarray, q: float) -> float:
-    """np.percentile's linear interpolation, with infinite waits (rejections) allowed: a
-    rank that falls on a finite value is that value (numpy gives NaN there when the next
-    value is infinite: a + (inf - a) * 0); between a finite and an infinite one it is inf."""
+    """np.percentile's linear interpolation (to rounding), with infinite waits (rejections)
+    allowed: a rank that falls on a finite value is that value (numpy gives NaN there when
+    the next value is infinite: a + (inf - a) * 0); between a finite and an infinite one it
+    is inf."""
     if not w.size:
         return 0.0
     s = np.sort(w)

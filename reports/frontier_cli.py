@@ -114,8 +114,8 @@ def register(app: typer.Typer) -> None:
                 res = frontier_table(wl, llms, ref, names, seed=s, judge=sc.judge)
         except RouteSimError as exc:
             fail(exc)
-        console.print(aiq_rich_table(res.summary, f"{sc.name}: AIQ on the test split "
-                                                  f"(reference {ref.name})"))
+        console.print(aiq_rich_table(res.summary, escape(f"{sc.name}: AIQ on the test split "
+                                                         f"(reference {ref.name})")))
         write_parquet(res.points, out / "frontier_points.parquet")
         write_parquet(res.summary, out / "frontier_aiq.parquet")
         from reports.page import Page

@@ -64,7 +64,8 @@ from sim.types import KEEP_RULES, Answer, Decision, Feedback, LLMInfo, Query, Wo
 # t sees the cluster as the events at t left it). Without this, ties went by creation order:
 # whether an arrival at an outage's end was served depended on when the previous one came.
 PRIORITY_COMPLETION = simpy.core.URGENT
-PRIORITY_ARRIVAL = simpy.core.NORMAL + 1
+PRIORITY_DISPATCH = simpy.core.NORMAL + 1  # a slot freed by a completion at an event's time
+PRIORITY_ARRIVAL = simpy.core.NORMAL + 2
 
 
 class _At(simpy.events.Timeout):
@@ -196,7 +197,7 @@ class _TopK:
     pending: int
     keep: str
     results: list  # (quality, job)
-    waits: list  # queueing time of each copy that started or gave up
+    waits: dict  # answer index -> queueing time of each copy that started or gave up
     failed: bool = False
     abandoned: tuple | None = None  # (time, job) of the first copy whose user gave up
     served: bool = False  # a copy started service (the user was not left waiting)
@@ -247,6 +248,7 @@ class Simulation:
         self._topk: dict[int, _TopK] = {}
         # Escalated requests: the answer in hand (quality, job, the judged Answer).
         self._answered: dict[int, tuple[float, Job, Answer]] = {}
+        self._event_times = frozenset(e.at_s for e in scenario.events)
         self._in_system = 0
         self._done_count = [0] * len(all_specs)
         # Fan-outs whose kept answer was picked by its realised quality (keep="best_realised",
@@ -443,7 +445,7 @@ class Simulation:
         if record:
             self._record_decision(rid, dec, view)
         if dec.extra:
-            self._topk[rid] = _TopK(1 + len(dec.extra), dec.keep, [], [])
+            self._topk[rid] = _TopK(1 + len(dec.extra), dec.keep, [], {})
             self._submit(rid, dec.llm, now, rnd, 0)
             for k, name in enumerate(dec.extra, 1):
                 self._submit(rid, name, now, rnd, k)
@@ -572,8 +574,19 @@ class Simulation:
             self.cluster.view.mean_service_s[d.vi] = d.mean_service_s
         self.cluster.set_active(d, r, -1)
         self._done_count[d.idx] += 1
-        self._dispatch(d, now)
+        if now in self._event_times:
+            # A scenario event at this very time (an outage, a removal) comes after this
+            # completion: the freed slot is filled after it, not by a job it would then fail.
+            later = _At(self.env, 0.0, PRIORITY_DISPATCH, d)
+            later.callbacks.append(self._on_deferred_dispatch)
+        else:
+            self._dispatch(d, now)
         self._job_ended(job, COMPLETED, now)
+
+    def _on_deferred_dispatch(self, ev) -> None:
+        d = ev.value
+        if d.present:
+            self._dispatch(d, self.env.now)
 
     def _dispatch(self, d: Deployment, now: float) -> None:
         """Fill free slots of up replicas from the FCFS queue (skipping abandoned jobs)."""
@@ -679,7 +692,9 @@ class Simulation:
             # noticed lazily, so its time can precede the answer's.)
             tk.finished = True
             qual, kept = tk.results[0]
-            self._wait[rid] += max(tk.waits, default=0.0)
+            # The user waited for the primary (until it was lost) and for the answer kept;
+            # other copies, used or not, do not count.
+            self._wait[rid] += max(tk.waits.get(0, 0.0), tk.waits.get(kept.answer, 0.0))
             self._finish(rid, COMPLETED, max(tk.primary_end_s, tk.first_result_s), kept, qual)
         if tk.pending or tk.finished:
             if not tk.pending:
@@ -703,10 +718,10 @@ class Simulation:
                         self._judge_cost(j) for _, j in tk.results
                     )
             # The user waited for every copy: the round's wait is its longest queueing.
-            self._wait[rid] += max(tk.waits, default=0.0)
+            self._wait[rid] += max(tk.waits.values(), default=0.0)
             self._finish(rid, COMPLETED, tk.end_s, kept, qual)
             return
-        self._wait[rid] += max(tk.waits, default=0.0)  # the round's copies queued at once
+        self._wait[rid] += max(tk.waits.values(), default=0.0)  # copies queued at once
         cols = self.rec.cols
         answered = self._answered.pop(rid, None)  # an earlier answer in hand (escalations)
         if tk.abandoned is not None and not tk.served:
@@ -739,7 +754,7 @@ class Simulation:
         if tk is None:
             self._wait[job.rid] += dt
         else:
-            tk.waits.append(dt)
+            tk.waits[job.answer] = tk.waits.get(job.answer, 0.0) + dt
 
     def _judge_score(self, job: Job, qual: float) -> float:
         """The judge's score of a job's answer: realised quality plus the judge's noise,
@@ -957,7 +972,7 @@ class Simulation:
             if tk.finished:  # delivered: later copies are not the user's wait
                 waiting.pop(rid, None)
             elif tk.waits:
-                waiting[rid] = max(waiting.get(rid, 0.0), *tk.waits)
+                waiting[rid] = max(waiting.get(rid, 0.0), *tk.waits.values())
         for rid, w in waiting.items():
             wait[rid] += w
         self.rec.cols["wait_s"][:] = wait

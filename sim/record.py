@@ -47,7 +47,8 @@ REQUEST_COLUMNS: dict[str, tuple[str, float | int]] = {
     "end_s": ("f8", np.nan),  # completion, rejection, abandonment or failure time
     # Time queued, summed over the request's routing rounds; service lost in an outage is
     # not waiting. A fan-out round counts its longest-queued copy once (the user waits for
-    # every copy), except a keep="primary" round answered by its primary: that copy's wait.
+    # every copy), except a keep="primary" round: answered by its primary, that copy's
+    # wait; its primary lost, the longer of the primary's wait and the kept copy's.
     "wait_s": ("f8", np.nan),
     "ttft_s": ("f8", np.nan),  # arrival -> first token of the kept answer
     "service_s": ("f8", np.nan),

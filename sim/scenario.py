@@ -538,10 +538,13 @@ class Scenario(Spec):
         `train_mix`). A data file's task names are checked when it is read (and by
         `routesim validate`); `train_mix` shapes the synthetic workload only."""
         wl = self.workload
-        arrival_mixes = [("workload.mix", wl.mix)]
+        # workload.mix draws arrivals until the first mix change (none if one is at t = 0).
+        shadowed = any(e.mix_change is not None and e.at_s == 0 for e in self.events)
+        arrival_mixes = [] if shadowed else [("workload.mix", wl.mix)]
         arrival_mixes += [(f"events.{i}.mix_change.mix", e.mix_change.mix)
                           for i, e in enumerate(self.events) if e.mix_change is not None]
-        for where, mix in [*arrival_mixes, ("workload.train_mix", wl.train_mix)]:
+        for where, mix in [*arrival_mixes, ("workload.mix", wl.mix),
+                           ("workload.train_mix", wl.train_mix)]:
             if mix is not None and not mix:
                 raise _FieldError(where, mix, "an empty mix names no family; name at least "
                                   "one family with a weight, or leave the mix out")
@@ -554,7 +557,8 @@ class Scenario(Spec):
             return
         from sim.catalog import FAMILIES
 
-        for where, mix in [*arrival_mixes, ("workload.train_mix", wl.train_mix)]:
+        for where, mix in [*arrival_mixes, ("workload.mix", wl.mix),
+                           ("workload.train_mix", wl.train_mix)]:
             for family in mix or {}:
                 if family not in FAMILIES:
                     hint = difflib.get_close_matches(family, FAMILIES, n=1)

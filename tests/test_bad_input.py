@@ -110,6 +110,11 @@ CASES = {
             {"rate_per_s": 50, "mean_sojourn_s": 1}, {"rate_per_s": 50, "mean_sojourn_s": 1}],
             "transition": [[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1], [0, 0, 1, 0]]})),
         "arrivals.transition", "once in states {0, 1} and {2, 3}"),
+    "mmpp_switching_too_often": (  # 2e6 expected switches: beyond the 1e6 simulated
+        mutate(lambda d: d.update(duration_s=1000, arrivals={"kind": "mmpp", "states": [
+            {"rate_per_s": 1, "mean_sojourn_s": 5e-4},
+            {"rate_per_s": 2, "mean_sojourn_s": 5e-4}]})),
+        "arrivals.states.0.mean_sojourn_s", "2e+06 state switches"),
     "mmpp_switching_forever": (
         mutate(lambda d: d.update(arrivals={"kind": "mmpp", "states": [
             {"rate_per_s": 1, "mean_sojourn_s": 1e-20},
@@ -490,3 +495,14 @@ def test_a_write_that_fails_midway_is_a_routesim_error(tmp_path, monkeypatch):
     with pytest.raises(RouteSimError, match="No space left"):
         write_text("hi", tmp_path / "x.txt")
     assert list(tmp_path.iterdir()) == []  # the temp file is gone too
+
+
+def test_a_mix_change_at_zero_shadows_workload_mix_in_validation(tmp_path):
+    # workload.mix only shapes the test split then (no arrival draws from it): sampling the
+    # validation split by the t = 0 mix works, so validation must not refuse it.
+    data = copy.deepcopy(GOOD)
+    data["workload"].update(split="validation", mix={"code": 1, "math": 1},
+                            train_mix={"knowledge_qa": 1, "reasoning": 1})
+    data["events"] = [{"at_s": 0, "mix_change": {"mix": {"knowledge_qa": 1}}}]
+    res = runner.invoke(app, ["validate", str(write(tmp_path, data))])
+    assert res.exit_code == 0, res.output

@@ -720,3 +720,48 @@ def test_an_abandoned_fan_out_is_recorded_at_its_primary(tmp_path, primary, extr
     plan = [Decision("A"), Decision("B"), Decision(primary, extra=(extra,)), Decision("A")]
     r2 = run(sc, Scripted(plan)).requests.row(2, named=True)
     assert (r2["outcome"], r2["llm"]) == ("abandoned", primary)
+
+
+@pytest.mark.parametrize("event", [
+    {"at_s": 1.0, "outage": {"llm": "A", "duration_s": 0.5}},
+    {"at_s": 1.0, "remove_llm": "A"},
+])
+def test_a_slot_freed_as_an_event_strikes_is_filled_after_it(tmp_path, event):
+    # Request 0 ends on A exactly when A goes down (or is removed); request 1 is queued
+    # behind it. Completing first must not start request 1 on A just before the event
+    # fails it (or leaves it on a removed deployment): it waits for A to be back at 1.5,
+    # or is re-offered (to B).
+    sc = traced(
+        tmp_path, [0.0, 0.1],
+        llms=[llm("A", model="gpt-4", slots=1, service=_det(1.0)),
+              llm("B", model="gpt-4", slots=1, service=_det(1.0))],
+        events=[event], run={"drain_s": None, "max_retries": 0},
+    )
+    plan = [Decision("A"), Decision("A")]
+    req = run(sc, Scripted(plan, retry=Decision("B"))).requests
+    r0, r1 = req.row(0, named=True), req.row(1, named=True)
+    assert (r0["outcome"], r0["end_s"]) == ("completed", 1.0)
+    expected = ("A", 1.5) if "outage" in event else ("B", 1.0)
+    assert (r1["outcome"], r1["retries"], r1["llm"], r1["start_s"]) == (
+        "completed", 0, *expected)
+
+
+def test_a_lost_primarys_wait_ignores_copies_whose_answer_was_not_kept(tmp_path):
+    # A is down, so request 1's primary is rejected; its copy on B answers at 5.1 and is
+    # kept. Its copy on C queued behind request 0: 2.9 s if C frees at 3.0, not at all if
+    # at 5.5. The user's wait must not depend on that unused copy.
+    waits = []
+    for c_service in (3.0, 5.5):
+        sc = traced(
+            tmp_path, [0.0, 0.1],
+            llms=[llm("A", model="gpt-4", service=_det(1.0)),
+                  llm("B", model="gpt-4", slots=1, service=_det(5.0)),
+                  llm("C", model="gpt-4", slots=1, service=_det(c_service))],
+            events=[{"at_s": 0.0, "outage": {"llm": "A", "duration_s": 100.0}}],
+            run={"drain_s": None},
+        )
+        plan = [Decision("C"), Decision("A", extra=("B", "C"), keep="primary")]
+        r1 = run(sc, Scripted(plan)).requests.row(1, named=True)
+        assert (r1["llm"], r1["end_s"]) == ("B", pytest.approx(5.1))
+        waits.append(r1["wait_s"])
+    assert waits == [0.0, 0.0]

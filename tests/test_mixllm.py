@@ -662,3 +662,29 @@ def test_tags_encoder_errors_name_the_policy_param(tmp_path):
         make_policy(wl, infos(wl), tags=True,
                     encoder={"model_path": str(tmp_path / "missing")})
     assert "workload.encoder" not in str(err.value)
+
+
+def test_refit_columns_fits_a_model_on_its_own_rows_only():
+    # As if only those answers were logged: the column's predictions are those of a policy
+    # set up on exactly those training rows (same k); other columns are left alone.
+    from sim.context import training_set
+    from sim.types import TrainingSet
+
+    wl = make_workload()
+    llms = infos(wl)
+    pol = make_policy(wl, llms, knn_k=15)
+    full = training_set(wl)
+    subset = np.arange(0, len(full.rows), 3)
+    before = pol.q_hat.copy()
+    pol.refit_columns({0: subset})
+    sub = TrainingSet(rows=full.rows[subset], models=full.models,
+                      quality=full.quality[subset], output_tokens=full.output_tokens[subset],
+                      valid_mask=np.zeros(len(subset), dtype=bool))
+    ref = registry.create("mixllm", {"knn_k": 15})
+    ref.setup(context_for(wl, llms, reference_llm=llms[-1].name,
+                          rng=np.random.default_rng(0), train=sub))
+    np.testing.assert_allclose(pol.q_hat[:, 0], ref.q_hat[:, 0])
+    assert not np.allclose(before[:, 0], pol.q_hat[:, 0])
+    np.testing.assert_array_equal(before[:, 1:], pol.q_hat[:, 1:])
+    with pytest.raises(PolicyError, match="must index one of"):
+        pol.refit_columns({1: np.array([len(full.rows)])})

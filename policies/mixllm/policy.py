@@ -87,6 +87,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from collections.abc import Mapping
 from typing import ClassVar, Literal
 
 import numpy as np
@@ -435,6 +436,21 @@ class MixLLMPolicy(BasePolicy):
             self._reset_online()
         else:
             self._names = None  # rebind: the static scores depend on lambda
+
+    def refit_columns(self, fit_idx_by_column: Mapping[int, np.ndarray]) -> None:
+        """Refit the predictors of some workload model columns, each on its own training
+        rows (indices into `ctx.train`), as if only those answers had been logged: e.g. the
+        answers a router's own choices revealed. The kNN's k and the cost unit stay as set
+        up (so lambda keeps its meaning); the online state restarts."""
+        n = len(self.ctx.train.rows)
+        for col, idx in fit_idx_by_column.items():
+            idx = np.asarray(idx, dtype=np.int64)
+            if idx.size == 0 or idx.min() < 0 or idx.max() >= n:
+                raise PolicyError(
+                    f"model column {col}: {idx.size} row(s), each must index one of the "
+                    f"{n} training rows", field="mixllm.refit_columns")
+            self._fit_column(int(col), np.sort(idx))
+        self._reset_online()
 
     def _query_features(self, ctx: PolicyContext, train_rows: np.ndarray) -> np.ndarray:
         p: MixLLMParams = self.params
