@@ -752,8 +752,9 @@ def _beside(base: Path, relative: str) -> Path:
 
 
 def _resolve_paths(scenario: Scenario, base: Path) -> Scenario:
-    """Relative data paths (arrival trace, workload data, the workload encoder's model and
-    cache directories) are relative to the scenario file, not the working directory."""
+    """Relative data paths (arrival trace, workload data, the model and cache directories
+    of the workload's encoder and of a policy's `encoder` param) are relative to the
+    scenario file, not the working directory."""
     updates: dict[str, Any] = {}
     arr = scenario.arrivals
     if isinstance(arr, TraceArrivals) and not Path(arr.path).is_absolute():
@@ -762,16 +763,34 @@ def _resolve_paths(scenario: Scenario, base: Path) -> Scenario:
     if wl.path and not Path(wl.path).is_absolute():
         wl = wl.model_copy(update={"path": str(_beside(base, wl.path))})
         updates["workload"] = wl
-    enc = wl.encoder
-    enc_updates = {
+    enc_updates = _encoder_paths(wl.encoder.model_dump(), base)
+    if enc_updates:
+        updates["workload"] = wl.model_copy(
+            update={"encoder": wl.encoder.model_copy(update=enc_updates)})
+    # A policy's own `encoder` param is an EncoderSpec too (mixllm's tag encoder): its paths
+    # follow the same rule. (Other params are the policy's business: sim does not know them.)
+    policies, moved = [], False
+    for spec in scenario.policies:
+        enc = spec.params.get("encoder") if isinstance(spec, PolicySpec) else None
+        fixed = _encoder_paths(enc, base) if isinstance(enc, dict) else {}
+        if fixed:
+            spec = spec.model_copy(update={"params": {**spec.params,
+                                                      "encoder": {**enc, **fixed}}})
+            moved = True
+        policies.append(spec)
+    if moved:
+        updates["policies"] = policies
+    return scenario.model_copy(update=updates) if updates else scenario
+
+
+def _encoder_paths(enc: dict, base: Path) -> dict[str, str]:
+    """An encoder's relative `model_path` and `cache_dir`, resolved from `base`."""
+    return {
         name: str(_beside(base, value))
         for name in ("model_path", "cache_dir")
-        if (value := getattr(enc, name)) and not Path(value).expanduser().is_absolute()
-        and not value.startswith("~")
+        if isinstance(value := enc.get(name), str) and value
+        and not Path(value).expanduser().is_absolute() and not value.startswith("~")
     }
-    if enc_updates:
-        updates["workload"] = wl.model_copy(update={"encoder": enc.model_copy(update=enc_updates)})
-    return scenario.model_copy(update=updates) if updates else scenario
 
 
 def check_input_files(scenario: Scenario) -> None:

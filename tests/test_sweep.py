@@ -377,6 +377,30 @@ def test_the_encoder_directories_resolve_beside_the_scenario_file(tmp_path, monk
     assert load_scenario(str(sc)).workload.encoder.cache_dir == "~/c"  # the user's home
 
 
+def test_a_policys_encoder_directories_resolve_beside_the_scenario_file(tmp_path,
+                                                                         monkeypatch):
+    # mixllm's tag encoder is its own `encoder` param: its relative paths used to resolve
+    # from wherever routesim was started.
+    from sim.scenario import load_scenario
+
+    home = tmp_path / "scen"
+    home.mkdir()
+    sc = home / "s.yaml"
+    sc.write_text(
+        "name: s\nseed: 1\nduration_s: 10\nworkload: {source: synthetic}\n"
+        "arrivals: {kind: poisson, rate_per_s: 1}\n"
+        "llms: [{name: gpt-4, price_in_per_mtok: 10, price_out_per_mtok: 30}]\n"
+        "policies: [random, {name: mixllm, params: {tags: false, encoder: {model_path: "
+        "models/bert, cache_dir: /abs/cache, kind: transformer}}}]\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    specs = load_scenario(str(sc)).policy_specs
+    assert specs[0].name == "random"
+    enc = specs[1].params["encoder"]
+    assert enc == {"model_path": str((home / "models" / "bert").resolve()),
+                   "cache_dir": "/abs/cache", "kind": "transformer"}
+
+
 def test_an_unknown_baseline_fails_before_any_run(tmp_path):
     ran = []
     with pytest.raises(RouteSimError, match="baseline 'cheapst'") as err:
