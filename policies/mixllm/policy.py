@@ -61,7 +61,9 @@ Default knobs were chosen on RouterBench's training rows only (the test split ne
   information, which bandit feedback never gives). On RouterBench at 30% that refit gains,
   but no critic turns bandit feedback (the chosen LLM's answer only) into a measurable
   gain; scored on held-out training rows instead of the test split (`--holdout-share 0.2`)
-  the neighbours critic gives -0.39 +- 0.13 at equal cost, AIQ +0.02 +- 0.10. The
+  the neighbours critic gives -0.39 +- 0.13 at equal cost, AIQ +0.02 +- 0.10. An offline
+  refit on exactly the answers bandit feedback reveals loses AIQ 0.54 +- 0.18; with a
+  uniformly random LLM's answer per query it gains +0.06 +- 0.12 (`--part bandit`). The
   neighbours critic is the default because it is the one that gains under the issue's
   protocol on the synthetic workload; the ridge critic pools
   evidence per task and along the context globally, so it wins with very little offline
