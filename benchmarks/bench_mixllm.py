@@ -30,7 +30,8 @@ training rows that picks the default lambda, then
     lambda and the frontier's hull quality at 25% and 50% of gpt-4's cost.
 (c) ablation: the defaults, then one part switched at a time (tags on, when the
     tag-enhanced encoder can run; uncertainty off; penalty off; the admission check off, with
-    and without the penalty; online learning on: it is off by default), everything off, and
+    and without the penalty; online learning on: it is off by default), everything off but
+    the admission check, and
     the penalty on/off at a quality-hungry lambda. Columns: quality
     % and cost % of gpt-4 on the RouterBench test split (uncongested, feedback on 30% of
     answers as in scenarios/routerbench_steady.yaml), and quality %, cost %, p95 wait and

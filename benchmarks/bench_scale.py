@@ -7,8 +7,9 @@ requests arrive (Poisson: +- 0.1% at one standard deviation). The run goes throu
 summary), exactly as `routesim run` does, into a temporary directory that is removed after.
 
 Peak RSS is this process's high-water mark (resource.getrusage, Linux reports KiB),
-including the interpreter, numpy/polars/sklearn and the policy; the RSS after imports and
-setup is printed too, so the run's own share is visible.
+including the interpreter, numpy/polars/sklearn and the policy; the RSS after imports is
+printed too (the workload and the policy are built inside the run), so the run's own share
+is visible.
 
 The policy is MixLLM (`mixllm`); while it is not registered, least_loaded is used and the
 output says so.

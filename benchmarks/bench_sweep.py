@@ -1,7 +1,9 @@
 """Speed-up of a sweep with 1 and 2 workers, local process pool and Ray, on this machine.
 
-Runs the 16 cells of sweeps/example_grid.yaml (or --grid) into fresh directories: inline
-(this process, no pool: the sequential reference), then each backend with 1 and 2 workers.
+Runs the 16 cells of sweeps/example_grid.yaml (or --grid), each stretched to --duration-s
+(default 2700 s, three times the grid's 900 s, so cells outweigh worker start-up), into
+fresh directories: inline (this process, no pool: the sequential reference), then each
+backend with 1 and 2 workers; each row is the best of --repeats (default 2) sweeps.
 Wall time includes starting the worker processes and their first imports; Ray's own start
 (`ray.init`) is timed apart because a cluster is started once and reused. Speed-up is the
 1-worker time of the same backend over the N-worker time, so per-backend overhead cancels.
@@ -9,6 +11,7 @@ Other processes on the machine slow everything and cap the speed-up; the load av
 the speed-up of a pure CPU loop with 2 processes (the ceiling right now) are printed too.
 
     python benchmarks/bench_sweep.py [--grid sweeps/example_grid.yaml] [--no-ray]
+        [--duration-s 2700] [--repeats 2]
 """
 
 from __future__ import annotations
