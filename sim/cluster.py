@@ -1,8 +1,11 @@
 """LLM deployments: replicas x slots, one FCFS queue each, token-speed service times.
 
 State that policies may observe lives in the arrays of one `ClusterView` (compact over the
-deployments currently in the cluster); the engine mutates it in place, so a decision reads
-it for free. The cluster knows nothing about policies: it starts, queues and finishes jobs.
+deployments currently in the cluster), mutated in place. Queue, busy and service-time
+changes only mark their deployment stale; `sync_view` writes the stale entries, and the
+engine calls it before every policy call, so a policy always sees the exact state while a
+deployment that changes several times between two decisions is written once. The cluster
+knows nothing about policies: it starts, queues and finishes jobs.
 
 Batching model: a replica decodes up to `slots` sequences at once; a sequence's decode speed
 is decode_tps / (1 + batching_slowdown * (k - 1)), with k the sequences on that replica when
@@ -107,6 +110,7 @@ class Deployment:
         "down",
         "slowdowns",
         "n_up",
+        "stale",
     )
 
     def __init__(self, spec: LLMSpec, idx: int, col: int, mean_service_s: float):
@@ -133,6 +137,7 @@ class Deployment:
         self.vi = -1  # index in the current ClusterView
         self.mean_service_s = mean_service_s
         self.busy = 0  # sum of active
+        self.stale = False  # its ClusterView entries lag its state (see Cluster.sync_view)
 
     @property
     def up_replicas(self) -> int:
@@ -182,11 +187,18 @@ class Cluster:
             self.by_name[name].present = True
         self.present: list[Deployment] = []
         self.view: ClusterView
+        self._stale: list[Deployment] = []
+        # No queued job's deadline is earlier (a lower bound: entries of jobs that left the
+        # queue count until they are popped), so an expiry check before it does nothing.
+        self.next_deadline = float("inf")
         self.rebuild_view(now=0.0)
 
     def rebuild_view(self, now: float) -> None:
         """Recreate the compact view after a membership change (rare)."""
         self.present = [d for d in self.deployments if d.present]
+        for d in self._stale:  # the new view is built from the state itself
+            d.stale = False
+        self._stale.clear()
         for i, d in enumerate(self.present):
             d.vi = i
         for d in self.deployments:
@@ -221,6 +233,25 @@ class Cluster:
             self.view.up[d.vi] = d.up_replicas > 0
             self.view.capacity[d.vi] = d.up_replicas * d.spec.slots
             self._refresh(d)
+
+    def _mark(self, d: Deployment) -> None:
+        if not d.stale and d.vi >= 0:
+            d.stale = True
+            self._stale.append(d)
+
+    def sync_view(self) -> None:
+        """Write the view entries of every deployment whose state changed since the last
+        call (queue length, busy slots, service-time estimate and the derived entries)."""
+        if self._stale:
+            v = self.view
+            for d in self._stale:
+                d.stale = False
+                i = d.vi
+                v.queue_len[i] = d.n_queued
+                v.busy[i] = d.busy
+                v.mean_service_s[i] = d.mean_service_s
+                self._refresh(d)
+            self._stale.clear()
 
     def _refresh(self, d: Deployment) -> None:
         """The view's derived entries for d, from Python-side state (no numpy reads)."""
@@ -259,23 +290,36 @@ class Cluster:
         d = job.dep
         d.queue.append(job)
         d.n_queued += 1
-        if d.vi >= 0:
-            self.view.queue_len[d.vi] = d.n_queued
-            self._refresh(d)
+        if not d.stale:
+            self._mark(d)
         if job.deadline != float("inf"):
-            heapq.heappush(d.qheap, (job.deadline, seq, job))
+            h = d.qheap
+            if len(h) > 2 * d.n_queued + 64:
+                # Started and abandoned jobs leave their entries behind (skipped when popped
+                # at their deadline); dropping them keeps the heap near the queue's size.
+                # (deadline, seq) orders entries totally, so the pops come out as before.
+                h[:] = [e for e in h if e[2].state == QUEUED]
+                heapq.heapify(h)
+            heapq.heappush(h, (job.deadline, seq, job))
+            if job.deadline < self.next_deadline:
+                self.next_deadline = job.deadline
 
     def leave_queue(self, job: Job) -> None:
         """Bookkeeping for a job that leaves the queue (started, abandoned or re-offered)."""
         d = job.dep
         d.n_queued -= 1
-        if d.vi >= 0:
-            self.view.queue_len[d.vi] = d.n_queued
-            self._refresh(d)
+        if not d.stale:
+            self._mark(d)
 
     def set_active(self, d: Deployment, replica: int, delta: int) -> None:
         d.active[replica] += delta
         d.busy += delta
-        if d.vi >= 0:
-            self.view.busy[d.vi] = d.busy
-            self._refresh(d)
+        if not d.stale:
+            self._mark(d)
+
+    def service_observed(self, d: Deployment, service_s: float) -> None:
+        """A job finished after `service_s`: update d's running service-time estimate, an
+        EWMA over completed jobs (a router learns a duration only once it has elapsed)."""
+        d.mean_service_s += 0.02 * (service_s - d.mean_service_s)
+        if not d.stale:
+            self._mark(d)

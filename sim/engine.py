@@ -348,6 +348,7 @@ class Simulation:
         BasePolicy (which has harmless defaults)."""
         fn = getattr(self.policy, method, None)
         if fn is not None:
+            self.cluster.sync_view()
             fn(arg)
 
     def _sample(self, now: float, only=None) -> None:
@@ -412,6 +413,7 @@ class Simulation:
         already judged, and without a new decision that answer is delivered."""
         if attempt:
             self._observe(now)
+        self.cluster.sync_view()
         view = self.cluster.view
         view.now = now
         q = self._query(rid, attempt)
@@ -538,7 +540,7 @@ class Simulation:
         job.service_s = svc
         job.ttft_s = ttft
         job.cost_usd = (inp * job.price_in + out * job.price_out) / 1e6
-        self.cluster.set_active(d, r, +1)  # also refreshes the view's derived entries
+        self.cluster.set_active(d, r, +1)
         d.running[r].add(job)
         ev = _At(self.env, svc, PRIORITY_COMPLETION, (job, job.token))
         ev.callbacks.append(self._on_complete)
@@ -567,11 +569,7 @@ class Simulation:
         r = job.replica
         job.state = DONE
         d.running[r].discard(job)
-        # Running estimate of service time for est_wait: an EWMA over completed jobs (a
-        # router learns a duration only once it has elapsed).
-        d.mean_service_s += 0.02 * (job.service_s - d.mean_service_s)
-        if d.vi >= 0:
-            self.cluster.view.mean_service_s[d.vi] = d.mean_service_s
+        self.cluster.service_observed(d, job.service_s)
         self.cluster.set_active(d, r, -1)
         self._done_count[d.idx] += 1
         if now in self._event_times:
@@ -607,15 +605,20 @@ class Simulation:
             self._start(job, r, now)
 
     def _expire_all(self, now: float) -> None:
-        for d in self.cluster.present:
+        cl = self.cluster
+        if now < cl.next_deadline:
+            return
+        for d in cl.present:
             h = d.qheap
             while h and h[0][0] <= now:
                 deadline, _, job = heapq.heappop(h)
                 if job.state == QUEUED:
                     job.state = CANCELLED
-                    self.cluster.leave_queue(job)
+                    cl.leave_queue(job)
                     self._add_wait(job, deadline - job.enq_s)
                     self._job_ended(job, ABANDONED, deadline)
+        # After the loop: an abandonment above may have queued a retry anywhere.
+        cl.next_deadline = min((d.qheap[0][0] for d in cl.present if d.qheap), default=math.inf)
 
     def _job_ended(self, job: Job, outcome: int, t: float) -> None:
         """Route a job's end to its request: finish it, retry, escalate or wait (top-k)."""
@@ -774,6 +777,7 @@ class Simulation:
         self._observe(now)
         self.rec.cols["cost_usd"][job.rid] += self._judge_cost(job)  # the answer is judged
         ans = Answer(job.dep.name, self._judge_score(job, qual), job.cost_usd, now - job.enq_s)
+        self.cluster.sync_view()
         view = self.cluster.view
         view.now = now
         attempts = self._attempts[job.rid]

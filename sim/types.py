@@ -200,9 +200,10 @@ class ClusterView:
     """Read-only, cheap view of the deployments at decision time.
 
     Arrays are aligned with `names` (deployments currently in the cluster, including ones in
-    an outage). The engine keeps every array current in place (derived ones too, updated
-    only for the deployment whose state changed), so a decision reads them for free.
-    Policies must not write to them.
+    an outage). The engine brings every array up to date in place before each policy call
+    (writing only the entries of deployments whose state changed), so a decision reads them
+    for free. They are exact only during a policy call: policies must not keep reading them
+    later, nor write to them.
 
     - `est_wait_s`: expected queueing delay for a request sent now: the work ahead of it
       (queued plus busy beyond capacity, plus itself) times the mean service time, spread

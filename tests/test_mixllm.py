@@ -19,7 +19,6 @@ from policies.mixllm.decision import (
     latency_penalty,
     quality_weight,
     sherman_morrison_update,
-    woodbury_update,
 )
 from policies.mixllm.policy import MixLLMPolicy
 from sim.context import context_for
@@ -300,7 +299,7 @@ def test_best_judged_fan_outs_count_the_judges_price_in_each_answers_cost():
 
 
 # ------------------------------------------------------------------------------- LinUCB
-def test_sherman_morrison_and_woodbury_equal_direct_inverse():
+def test_sherman_morrison_and_batched_flush_equal_direct_inverse():
     rng = np.random.default_rng(3)
     d = 9
     xs = rng.normal(size=(40, d))
@@ -309,19 +308,32 @@ def test_sherman_morrison_and_woodbury_equal_direct_inverse():
     for x in xs:
         sherman_morrison_update(one_by_one, x)
     np.testing.assert_allclose(one_by_one, direct, rtol=1e-9, atol=1e-12)
-    batched = np.eye(d)
-    woodbury_update(batched, xs[:25])
-    woodbury_update(batched, xs[25:])
-    np.testing.assert_allclose(batched, direct, rtol=1e-9, atol=1e-12)
     bank = LinUCBBank(d, capacity=1)
     s0, s1 = bank.add_slot(), bank.add_slot(prior_scale=4.0)  # grows past capacity
-    for x in xs:
+    s2 = bank.add_slot()
+    # Two flushes; slots interleaved, with more contexts than dimensions (s0's first batch)
+    # and fewer (s0's second, s1's one, s2's three).
+    for x in xs[:25]:
         bank.observe(s0, x)
     bank.observe(s1, xs[0])
+    bank.flush()
+    for i, x in enumerate(xs[25:]):
+        bank.observe(s0, x)
+        if i < 3:
+            bank.observe(s2, xs[i])
     bank.flush()
     np.testing.assert_allclose(bank.ainv[s0], direct, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(
         bank.ainv[s1], np.linalg.inv(np.eye(d) / 4.0 + np.outer(xs[0], xs[0])), rtol=1e-9
+    )
+    np.testing.assert_allclose(
+        bank.ainv[s2], np.linalg.inv(np.eye(d) + xs[:3].T @ xs[:3]), rtol=1e-9, atol=1e-12
+    )
+    np.testing.assert_array_equal(bank.ainv[s2], bank.ainv[s2].T)
+    bank.observe(s1, xs[1])  # a single update is one Sherman-Morrison step
+    bank.flush()
+    np.testing.assert_allclose(
+        bank.ainv[s1], np.linalg.inv(np.eye(d) / 4.0 + xs[:2].T @ xs[:2]), rtol=1e-9
     )
 
 

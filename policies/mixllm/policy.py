@@ -203,6 +203,22 @@ class MixLLMParams(BaseModel):
 _PREDICTION_CACHE: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
 _CACHE_ENTRIES = 256
 _KNN_K_CACHE: dict[str, int] = {}
+# Largest table of per-row context products the uncertainty bonus may precompute (bytes);
+# beyond it (many rows, large context_dim) the bonus is computed from the context directly.
+_QUAD_TABLE_BYTES = 64 * 2**20
+
+
+def _quadratic_table(u: np.ndarray) -> tuple[np.ndarray | None, tuple | None]:
+    """Per row, the upper triangle of u u^T with off-diagonal entries doubled, so that
+    x^T M x = M[triu] @ table[row] for any symmetric M (one product per decision instead of
+    two); (None, None) when the table would exceed _QUAD_TABLE_BYTES."""
+    n, d = u.shape
+    tri = np.triu_indices(d)
+    if n * len(tri[0]) * 8 > _QUAD_TABLE_BYTES:
+        return None, None
+    table = u[:, tri[0]] * u[:, tri[1]]
+    table[:, tri[0] != tri[1]] *= 2.0
+    return table, tri
 
 
 def _digest(*arrays: np.ndarray, extra: str = "") -> str:
@@ -318,6 +334,7 @@ class MixLLMPolicy(BasePolicy):
         # Low-dimensional context for LinUCB and the feedback network: PCA of the inputs
         # (fitted on the fit rows) plus a constant, unit-normalised; then the task one-hot.
         self._u = _pca_context(self._x, self._fit_rows, p.context_dim)
+        self._u2, self._tri = _quadratic_table(self._u) if self._use_unc else (None, None)
         onehot = np.zeros((n, n_tasks))
         onehot[np.arange(n), ctx.task.astype(np.int64)] = 1.0
         self._z = np.hstack([self._u, onehot])
@@ -558,6 +575,10 @@ class MixLLMPolicy(BasePolicy):
         p: MixLLMParams = self.params
         # The penalty with every wait at 0 (an idle cluster): beta * exp(-gamma * xi * tau).
         self._pen_idle = np.full(n, p.beta * np.exp(-self._pen_shift))
+        # The penalty's constants as arrays: a Python float operand costs a numpy ufunc more
+        # than the arithmetic on a few candidates.
+        self._pen_consts = (np.full(n, self._wait_cap), np.full(n, self._gamma),
+                            np.full(n, self._pen0))
         self._ainv_version = -1
         self._net_version = -1
         if self._both:
@@ -576,12 +597,16 @@ class MixLLMPolicy(BasePolicy):
         return usd_e6 * self._cost_mult
 
     def _scaled_ainv(self) -> np.ndarray:
-        """alpha^2 * A_l^-1 of the bound candidates stacked as one (L * d, d) matrix, so the
-        bonuses are sqrt of ((M @ x).reshape(L, d) @ x): two plain matrix products, faster
-        than a batched (L, d, d) one."""
+        """alpha^2 * A_l^-1 of the bound candidates, so that the bonuses are the square roots
+        of one matrix product: with the table of context products, the (L, p) upper
+        triangles (M @ u2[row]); without it, one (L * d, d) stack, ((M @ x).reshape(L, d)
+        @ x). Either is faster than a batched (L, d, d) product."""
         if self._ainv_version != self._bank.version:
             m = self._bank.ainv[self._slots] * (self.params.alpha**2)
-            self._ainv = m.reshape(-1, m.shape[-1])
+            if self._tri is not None:
+                self._ainv = np.ascontiguousarray(m[:, self._tri[0], self._tri[1]])
+            else:
+                self._ainv = m.reshape(-1, m.shape[-1])
             self._ainv_version = self._bank.version
         return self._ainv
 
@@ -598,7 +623,7 @@ class MixLLMPolicy(BasePolicy):
         r = query.row
         if self._net_on:
             wcols = self._wcols if self._net_version == self._net.version else self._net_rows()
-            d = wcols @ self._z[r]
+            d = np.dot(wcols, self._z[r])
             if self._both:
                 d *= self._wprior[r]
             q = self._qc[r] + d
@@ -608,9 +633,15 @@ class MixLLMPolicy(BasePolicy):
             q = self._qc[r].copy()  # the live estimates move with later feedback
             score = self._base[r]
         if self._use_unc:
-            x = self._u[r]
             m = self._ainv if self._ainv_version == self._bank.version else self._scaled_ainv()
-            unc = (m @ x).reshape(self._n_cand, -1) @ x
+            # np.dot: for these small operands it is faster than @ (no ufunc machinery). The
+            # forms stay positive: A^-1 is positive definite with eigenvalues >= 1 / (1 + the
+            # LLM's observations) and |x| = 1, far above the rounding of a 100-term sum.
+            if self._u2 is not None:
+                unc = np.dot(m, self._u2[r])
+            else:
+                x = self._u[r]
+                unc = np.dot(np.dot(m, x).reshape(self._n_cand, -1), x)
             np.sqrt(unc, out=unc)
             score = score + unc
         else:
@@ -620,10 +651,10 @@ class MixLLMPolicy(BasePolicy):
             w = view.est_wait_s
             if np.count_nonzero(w):
                 # beta * exp(gamma * w - gamma * xi * tau) = pen0 * exp(gamma * min(w, cap))
-                pen = np.minimum(w, self._wait_cap)
-                pen *= self._gamma
+                pen = np.minimum(w, self._pen_consts[0])
+                pen *= self._pen_consts[1]
                 np.exp(pen, out=pen)
-                pen *= self._pen0
+                pen *= self._pen_consts[2]
             else:
                 pen = self._pen_idle
             score -= pen
