@@ -17,12 +17,13 @@ from hypothesis import strategies as st
 from helpers import llm
 from policies import registry
 from policies.base import BasePolicy
+from sim.cluster import QUEUED
 from sim.engine import Simulation, prepare_inputs
 from sim.metrics import summarize
 from sim.record import REJECT_REASONS
 from sim.runner import build_workload
 from sim.scenario import parse_scenario
-from sim.types import Decision
+from sim.types import ClusterView, Decision
 
 NAMES = ["gpt-4", "gpt-3.5-turbo", "mixtral-8x7b", "mistral-7b", "yi-34b"]
 
@@ -209,3 +210,58 @@ def test_requests_with_several_jobs_keep_time_and_waits_consistent(case, policy_
     assert (done["end_s"] >= done["start_s"] + done["service_s"] - eps).all()
     # (An arrival's clock time is now + (t - now): one rounding away from t.)
     assert (done["start_s"] >= done["arrival_s"] - eps).all()
+
+
+class ViewChecking(FanOutAndEscalate):
+    """At every call with a view, checks it against one built afresh from the cluster's
+    state (the engine writes only the entries of deployments that changed, lazily), and
+    that no queued job's deadline has passed (expiry is lazy too)."""
+
+    def __init__(self, seed: int):
+        super().__init__(seed)
+        self.sim = None
+        self.checks = 0
+
+    def _check(self, view) -> None:
+        cl = self.sim.cluster
+        fresh = ClusterView(
+            names=tuple(d.name for d in cl.present), models=view.models,
+            model_cols=view.model_cols, price_in_per_mtok=view.price_in_per_mtok,
+            price_out_per_mtok=view.price_out_per_mtok,
+            up=np.array([d.n_up > 0 for d in cl.present]),
+            capacity=np.array([d.n_up * d.spec.slots for d in cl.present]),
+            busy=np.array([sum(d.active) for d in cl.present]),
+            queue_len=np.array([sum(j.state == QUEUED for j in d.queue) for d in cl.present]),
+            max_queue=view.max_queue,
+            mean_service_s=np.array([d.mean_service_s for d in cl.present]),
+            speed_factor=np.array([d.speed_factor for d in cl.present]),
+        )
+        assert view.names == fresh.names
+        for f in ("up", "capacity", "busy", "queue_len", "mean_service_s", "speed_factor",
+                  "est_wait_s", "load", "accepting"):
+            np.testing.assert_array_equal(getattr(view, f), getattr(fresh, f), err_msg=f)
+        now = self.sim.env.now
+        assert view.now == now
+        assert all(j.deadline > now for d in cl.present for j in d.queue if j.state == QUEUED)
+        self.checks += 1
+
+    def route(self, query, view):
+        self._check(view)
+        return super().route(query, view)
+
+    def on_answer(self, query, answer, view):
+        self._check(view)
+        return super().on_answer(query, answer, view)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios(), st.integers(0, 10_000))
+def test_policies_see_the_exact_cluster_state(case, policy_seed):
+    sc, _ = case
+    wl = build_workload(sc, sc.seed)
+    inputs = prepare_inputs(sc, wl, sc.seed)
+    policy = ViewChecking(policy_seed)
+    sim = Simulation(sc, policy, inputs, seed=sc.seed)
+    policy.sim = sim
+    sim.run()
+    assert policy.checks >= inputs.arrival_s.size
