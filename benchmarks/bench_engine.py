@@ -7,12 +7,14 @@ Prints:
   reference: 150 requests/s keep about 70% of the 448 slots busy (least_loaded spreads it
   evenly; mixllm packs its favourite LLMs to about 90%, where most requests queue and some
   users give up), so queues, dispatch and patience are timed too (`--rate` to change it);
-- their ratio (targets: >= 0.5 for least_loaded, >= 0.3 for mixllm);
+- their ratio (targets: >= 0.5 for least_loaded, >= 0.3 for mixllm): `--repeats` routesim
+  runs interleaved with raw SimPy runs, each against the raw runs either side of it, and
+  the median of those ratios (a shared machine's speed drifts by +-10% over seconds);
 - the peak RSS of a run of `--big` requests (default 1,000,000; target < 1 GiB), measured in
   a fresh subprocess so the rest of the benchmark does not count.
 
 Usage: python benchmarks/bench_engine.py [--n 200000] [--big 1000000] [--policy NAME]
-       [--params JSON] [--rate 150]
+       [--params JSON] [--rate 150] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import simpy
 
 
@@ -130,24 +133,35 @@ def main() -> None:
                     help='policy params as JSON, e.g. \'{"online": true}\' for mixllm')
     ap.add_argument("--rate", type=float, default=RATE_PER_S,
                     help="arrivals per second of the routesim scenario (load)")
+    ap.add_argument("--repeats", type=int, default=5,
+                    help="routesim runs, interleaved with repeats + 1 raw SimPy runs")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     params = json.loads(args.params)
     if args.child:
         big_run(args.big, args.policy, params, args.rate)
         return
-    raw = raw_simpy_mmc(args.n)
-    ours, n, busy = routesim_rate(args.n, args.policy, params, args.rate)
-    raw2 = raw_simpy_mmc(args.n, seed=2)  # bracket ours: drift on a noisy machine shows up
-    raw_mean = (raw + raw2) / 2
-    print(f"raw SimPy M/M/8 (process per customer): {raw_mean:,.0f} customers/s "
-          f"(runs: {raw:,.0f}, {raw2:,.0f})")
+    # Interleaved raw, ours, raw, ..., ours, raw: the speed of a shared machine drifts by
+    # +-10% over seconds, so each routesim run is compared with the raw runs either side of
+    # it, and the median of those ratios is the figure.
+    raws = [raw_simpy_mmc(args.n, seed=1)]
+    ours_runs, ratios = [], []
+    for i in range(args.repeats):
+        ours, n, busy = routesim_rate(args.n, args.policy, params, args.rate)
+        ours_runs.append(ours)
+        raws.append(raw_simpy_mmc(args.n, seed=2 + i))
+        ratios.append(ours / ((raws[-2] + raws[-1]) / 2))
+    runs = ", ".join(f"{r:,.0f}" for r in raws)
+    print(f"raw SimPy M/M/8 (process per customer): {np.median(raws):,.0f} customers/s, "
+          f"median of {len(raws)} (runs: {runs})")
+    runs = ", ".join(f"{r:,.0f}" for r in ours_runs)
     print(f"routesim {args.policy} {params or ''}, 4 LLMs, token model, feedback: "
-          f"{ours:,.0f} requests/s "
-          f"({n:,} requests at {args.rate:g}/s, {100 * busy:.0f}% of slots busy)")
+          f"{np.median(ours_runs):,.0f} requests/s, median of {len(ours_runs)} (runs: {runs}; "
+          f"{n:,} requests at {args.rate:g}/s, {100 * busy:.0f}% of slots busy)")
     target = 0.3 if args.policy == "mixllm" else 0.5
-    ratio = ours / raw_mean
-    print(f"ratio routesim / raw SimPy: {ratio:.2f} (target >= {target})")
+    each = ", ".join(f"{r:.2f}" for r in ratios)
+    print(f"ratio routesim / raw SimPy: {np.median(ratios):.2f} (target >= {target}), median "
+          f"of each run against the raw runs either side (each: {each})")
     if args.big > 0:
         out = subprocess.run(
             [sys.executable, __file__, "--child", "--big", str(args.big), "--policy",

@@ -145,7 +145,10 @@ class Deployment:
 
     def free_replica(self) -> int:
         """The up replica with the fewest running sequences and a free slot, or -1."""
-        best, best_k = -1, self.spec.slots
+        best_k = self.spec.slots
+        if self.busy >= self.n_up * best_k:  # full (down replicas run nothing)
+            return -1
+        best = -1
         for r, k in enumerate(self.active):
             if k < best_k and self.up[r]:
                 best, best_k = r, k
@@ -206,6 +209,8 @@ class Cluster:
                 d.vi = -1
         ps = self.present
         codes = [d.idx for d in ps]
+        # Candidates are every deployment of the run, in order (decision rows written whole).
+        self.view_is_all = codes == list(range(len(self.deployments)))
         self.view_codes: np.ndarray | slice = (
             slice(0, len(codes)) if codes == list(range(len(codes)))
             else np.array(codes, dtype=np.int64)

@@ -296,6 +296,7 @@ class Simulation:
         self._arr_l = inputs.arrival_s.tolist()
         self._patience_l = inputs.users.patience_s.tolist()
         self._task_l = self.wl.task.tolist()
+        self._gives_feedback_l = inputs.users.gives_feedback.tolist()
         c["arrival_s"][:] = inputs.arrival_s
         c["row"][:] = inputs.rows
         c["task"][:] = self.wl.task[inputs.rows]
@@ -383,7 +384,8 @@ class Simulation:
         self._next += 1
         self._in_system += 1
         now = self.env.now
-        self._observe(now)
+        if now >= self.cluster.next_deadline or (self._fb_heap and self._fb_heap[0][0] <= now):
+            self._observe(now)
         self._offer(rid, 0, now)
         if self._next < self.n:
             nxt = _At(self.env, self._arr_l[self._next] - now, PRIORITY_ARRIVAL)
@@ -455,26 +457,29 @@ class Simulation:
             self._submit(rid, dec.llm, now, rnd, 0)
 
     def _record_decision(self, rid: int, dec: Decision, view) -> None:
-        if dec.scores is None and not dec.terms:
+        scores, terms = dec.scores, dec.terms
+        if scores is None and not terms:
             return
         cand = self.cluster.view_codes
+        # Every deployment of the run a candidate, in order: a whole-row write, the cheapest.
+        at = rid if self.cluster.view_is_all else (rid, cand)
         mats = self.rec.terms
-        if dec.scores is not None:
+        if scores is not None:
             mat = mats.get("score")
-            if mat is None:
-                self.rec.decision_terms(rid, cand, "score", dec.scores)
+            if mat is None:  # first use allocates the column block
+                self.rec.decision_terms(rid, cand, "score", scores)
             else:
-                mat[rid, cand] = dec.scores
+                mat[at] = scores
             vi = view._index.get(dec.llm)
             if vi is not None:
-                self._score[rid] = dec.scores[vi]
-        if dec.terms:
-            for term, vals in dec.terms.items():
+                self._score[rid] = scores[vi]
+        if terms:
+            for term, vals in terms.items():
                 mat = mats.get(term)
-                if mat is None:  # first use allocates the column block
+                if mat is None:
                     self.rec.decision_terms(rid, cand, term, vals)
                 else:
-                    mat[rid, cand] = vals
+                    mat[at] = vals
 
     def _submit(self, rid: int, name: str, now: float, rnd: int, answer: int) -> None:
         d = self.cluster.by_name.get(name)
@@ -523,7 +528,7 @@ class Simulation:
         job.start_s = now
         self._add_wait(job, now - job.enq_s)
         row = self._rows_l[rid]
-        out = float(self._out_tok[row, d.col])
+        out = self._out_tok.item(row, d.col)
         inp = self._in_tok_l[row]
         if spec.service is None:
             k = d.active[r] + 1  # sequences on the replica including this one
@@ -633,7 +638,7 @@ class Simulation:
             self._topk_job_ended(tk, job, outcome, t)
             return
         if outcome == COMPLETED:
-            qual = float(self._quality[self._rows_l[rid], job.dep.col])
+            qual = self._quality.item(self._rows_l[rid], job.dep.col)
             if self._wants_answers:
                 nxt, ans = self._ask_escalation(job, qual, t)
                 if nxt is not None:
@@ -663,7 +668,7 @@ class Simulation:
         tk.end_s = max(tk.end_s, t)
         tk.served |= not math.isnan(job.start_s)
         if outcome == COMPLETED:
-            tk.results.append((float(self._quality[self._rows_l[rid], job.dep.col]), job))
+            tk.results.append((self._quality.item(self._rows_l[rid], job.dep.col), job))
             if not tk.results[1:]:
                 tk.first_result_s = t
             if job.primary and tk.keep == "primary" and not tk.finished:
@@ -809,9 +814,9 @@ class Simulation:
             cols["ttft_s"][rid] = job.start_s + job.ttft_s - arr
             cols["latency_s"][rid] = t - arr
             cols["quality"][rid] = qual
-            cols["output_tokens"][rid] = self._out_tok[self._rows_l[rid], job.dep.col]
-            users = self.inp.users
-            if users.gives_feedback[rid]:
+            cols["output_tokens"][rid] = self._out_tok.item(self._rows_l[rid], job.dep.col)
+            if self._gives_feedback_l[rid]:
+                users = self.inp.users
                 reward = users.reward(rid, qual)
                 due = t + float(users.delay_s[rid])
                 refined = users.spec.mode == "refined"
