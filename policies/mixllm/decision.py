@@ -101,8 +101,8 @@ class LinUCBBank:
         self.ainv = np.zeros((capacity, dim, dim))
         self.n_slots = 0
         self.version = 0  # bumped whenever some A^-1 changes (callers cache stacks by it)
-        self._pending_slots: list[int] = []
-        self._pending_x: list[np.ndarray] = []
+        self._pending: dict[int, list[np.ndarray]] = {}  # slot -> contexts, in order
+        self.pending = 0  # contexts queued for the next flush
 
     def add_slot(self, prior_scale: float = 1.0) -> int:
         """A new slot with A = I / prior_scale; returns its index."""
@@ -122,12 +122,12 @@ class LinUCBBank:
 
     def observe(self, slot: int, x: np.ndarray) -> None:
         """Queue "slot served a query with context x" for the next `flush`."""
-        self._pending_slots.append(slot)
-        self._pending_x.append(x)
-
-    @property
-    def pending(self) -> int:
-        return len(self._pending_slots)
+        xs = self._pending.get(slot)
+        if xs is None:
+            self._pending[slot] = [x]
+        else:
+            xs.append(x)
+        self.pending += 1
 
     def flush(self) -> None:
         """Apply the queued updates: per slot, its k queued rank-one Sherman-Morrison updates
@@ -135,20 +135,18 @@ class LinUCBBank:
         G = X^T X, (A + G)^-1 = (I + A^-1 G)^-1 A^-1: a d x d solve whatever k, done for
         every slot in one batched call (a Woodbury k x k solve per slot cost 8x more at the
         default batch of 128)."""
-        if not self._pending_slots:
+        if not self.pending:
             return
-        if len(self._pending_slots) == 1:
-            sherman_morrison_update(self.ainv[self._pending_slots[0]], self._pending_x[0])
+        if self.pending == 1:
+            ((slot, (x,)),) = self._pending.items()
+            sherman_morrison_update(self.ainv[slot], x)
         else:
-            slots = np.asarray(self._pending_slots)
-            xs = np.asarray(self._pending_x, dtype=np.float64)
-            order = np.argsort(slots, kind="stable")
-            slots, xs = slots[order], xs[order]
-            touched, starts = np.unique(slots, return_index=True)
-            bounds = [*starts.tolist(), len(slots)]
-            gram = np.stack(
-                [xs[a:b].T @ xs[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-            )
+            touched = sorted(self._pending)
+            grams = []
+            for slot in touched:
+                xs = np.asarray(self._pending[slot], dtype=np.float64)
+                grams.append(xs.T @ xs)
+            gram = np.stack(grams)
             ainv = self.ainv[touched]
             m = ainv @ gram
             m[:, np.arange(self.dim), np.arange(self.dim)] += 1.0
@@ -157,8 +155,8 @@ class LinUCBBank:
             new += new.transpose(0, 2, 1)
             new *= 0.5
             self.ainv[touched] = new
-        self._pending_slots.clear()
-        self._pending_x.clear()
+        self._pending.clear()
+        self.pending = 0
         self.version += 1
 
 

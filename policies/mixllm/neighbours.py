@@ -68,10 +68,13 @@ class NeighbourPosterior:
         sizes = ends - starts
         # Every (owner, column, reward) triple of the batch at once.
         offsets = np.repeat(starts - np.cumsum(sizes) + sizes, sizes) + np.arange(sizes.sum())
-        owners = self._owners[offsets]
-        c = np.repeat(cols, sizes)
-        np.add.at(self.count, (owners, c), 1.0)
-        np.add.at(self.total, (owners, c), np.repeat(rewards, sizes))
+        n, m = self.count.shape
+        cells = self._owners[offsets].astype(np.int64) * m + np.repeat(cols, sizes)
+        # bincount, not np.add.at: 4-5x faster, and exact for counts and binary rewards.
+        self.count += np.bincount(cells, minlength=n * m).reshape(n, m)
+        self.total += np.bincount(
+            cells, weights=np.repeat(rewards, sizes).astype(np.float64), minlength=n * m
+        ).reshape(n, m)
         return np.unique(cols)
 
     def posterior(self, col: int, prior_q: np.ndarray, prior_n: float) -> np.ndarray:
