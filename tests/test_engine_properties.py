@@ -77,11 +77,15 @@ def scenarios(draw):
     return parse_scenario(data), draw(st.sampled_from(["random", "least_loaded", "cheapest"]))
 
 
+def simulation(sc, policy, cls=Simulation):
+    """A simulation of `sc` (its own seed) with `policy`, and its inputs."""
+    inputs = prepare_inputs(sc, build_workload(sc, sc.seed), sc.seed)
+    return cls(sc, policy, inputs, seed=sc.seed), inputs
+
+
 def run_once(sc, policy_name):
-    wl = build_workload(sc, sc.seed)
-    inputs = prepare_inputs(sc, wl, sc.seed)
-    res = Simulation(sc, registry.create(policy_name), inputs, seed=sc.seed).run()
-    return res, inputs
+    sim, inputs = simulation(sc, registry.create(policy_name))
+    return sim.run(), inputs
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -188,9 +192,7 @@ class CheckedSimulation(Simulation):
 @given(scenarios(), st.integers(0, 10_000))
 def test_requests_with_several_jobs_keep_time_and_waits_consistent(case, policy_seed):
     sc, _ = case
-    wl = build_workload(sc, sc.seed)
-    inputs = prepare_inputs(sc, wl, sc.seed)
-    sim = CheckedSimulation(sc, FanOutAndEscalate(policy_seed), inputs, seed=sc.seed)
+    sim, inputs = simulation(sc, FanOutAndEscalate(policy_seed), CheckedSimulation)
     res = sim.run()
     req = res.requests
     assert sim.start_not_now == 0  # no job starts at a time other than the clock's
@@ -258,10 +260,8 @@ class ViewChecking(FanOutAndEscalate):
 @given(scenarios(), st.integers(0, 10_000))
 def test_policies_see_the_exact_cluster_state(case, policy_seed):
     sc, _ = case
-    wl = build_workload(sc, sc.seed)
-    inputs = prepare_inputs(sc, wl, sc.seed)
     policy = ViewChecking(policy_seed)
-    sim = Simulation(sc, policy, inputs, seed=sc.seed)
+    sim, inputs = simulation(sc, policy)
     policy.sim = sim
     sim.run()
     assert policy.checks >= inputs.arrival_s.size
