@@ -37,9 +37,10 @@ class Policy(Protocol):
       `llm` carries the prices now in force. A policy that caches prices (or anything derived
       from them) refreshes it here instead of watching the view's price arrays.
 
-    `on_answer(query, answer, view)` is asked about each single answer (not a fan-out's)
-    by policies that override it: None keeps the answer, a Decision escalates (and may fan
-    out). If the escalation fails in an outage or its deployment is removed, `on_answer` is
+    `on_answer(query, answer, view)` is asked about each single answer (not a fan-out's,
+    nor one whose decision said `final=True`) by policies that override it, after the
+    scenario's judge scored it (billed): None keeps the answer, a Decision escalates (and
+    may fan out). If the escalation fails in an outage or its deployment is removed, `on_answer` is
     asked again about the same answer (`query.attempt` counts the calls made), so a cascade
     resumes where it was instead of starting over from `route`.
     """

@@ -161,8 +161,8 @@ class CascadeRouter(LearnedRouter):
 
     def _valid_sim(self, truth: ValidationTruth, llms: list[LLMInfo]):
         """Per validation row and LLM (columns of `truth`): acceptance probability, realised
-        quality and cost (the answer's and, as every answer is judged, the judge's) —
-        everything a chain simulation needs."""
+        quality, the answer's cost and the judge's (paid for every rung but the last, whose
+        answer is final) — everything a chain simulation needs."""
         rows = self.split.valid_rows
         cols = np.array([x.model_col for x in llms])
         judge = np.clip(truth.quality + self._valid_eps[:, cols], 0.0, 1.0)
@@ -173,25 +173,28 @@ class CascadeRouter(LearnedRouter):
             self.ctx.input_tokens[rows][:, None].astype(np.float64),
             self.ctx.train.output_tokens[self.split.valid][:, cols].astype(np.float64),
         )
-        return p_good, truth.quality, truth.cost + judged
+        return p_good, truth.quality, truth.cost, judged
 
     @staticmethod
-    def _simulate(chain_idx, tau, p_good, quality, cost, truth) -> tuple[float, float]:
+    def _simulate(chain_idx, tau, p_good, quality, cost, judged, truth) -> tuple[float, float]:
         n = len(quality)
         done = np.zeros(n, dtype=bool)
         q_sum = 0.0
         c_sum = 0.0
         for r, j in enumerate(chain_idx):
             active = ~done
+            last = r == len(chain_idx) - 1
             c_sum += float(cost[active, j].sum())
-            accept = active if r == len(chain_idx) - 1 else active & _accepts(p_good[:, j], tau)
+            if not last:
+                c_sum += float(judged[active, j].sum())
+            accept = active if last else active & _accepts(p_good[:, j], tau)
             q_sum += float(quality[accept, j].sum())
             done |= accept
         return truth.pct(q_sum, c_sum)
 
     def _learn_chain(self, llms: list[LLMInfo]) -> tuple[str, ...]:
         truth = validation_truth(self.ctx, self.split, llms, self.reference)
-        p_good, quality, cost = self._valid_sim(truth, llms)
+        sim = self._valid_sim(truth, llms)
         fit = self.split.fit
         mean_q = [float(self.ctx.train.quality[fit, x.model_col].mean()) for x in llms]
         mean_c = [self._mean_fit_cost(x) for x in llms]
@@ -204,7 +207,7 @@ class CascadeRouter(LearnedRouter):
         lengths = range(min(2, len(pareto)), min(self.params.max_chain, len(pareto)) + 1)
         chains = [c for r in lengths for c in combinations(pareto, r)]
         curves = [
-            [self._simulate(c, t, p_good, quality, cost, truth) for t in ACCEPT_GRID]
+            [self._simulate(c, t, *sim, truth) for t in ACCEPT_GRID]
             for c in chains
         ]
         costs = np.array([p[1] for curve in curves for p in curve])
@@ -219,24 +222,30 @@ class CascadeRouter(LearnedRouter):
 
     def _validation_point(self, value: float, truth: ValidationTruth) -> tuple[float, float]:
         llms = list(self.ctx.llms)
-        p_good, quality, cost = self._valid_sim(truth, llms)
         idx = [truth.names.index(n) for n in self.chain]
-        return self._simulate(idx, value, p_good, quality, cost, truth)
+        return self._simulate(idx, value, *self._valid_sim(truth, llms), truth)
 
     # ------------------------------------------------------------------------ routing
     def route(self, query: Query, view: ClusterView) -> Decision:
         ok = available(view)
-        for name in self.chain:
+        for rung, name in enumerate(self.chain):
             if name in view.names and ok[view.index(name)]:
-                return Decision(llm=name)
-        # No rung can take it: the available deployment with the lowest predicted cost.
+                return Decision(llm=name, final=self._last_present(rung, view))
+        # No rung can take it: the available deployment with the lowest predicted cost
+        # (never escalated, as it is not in the chain).
         c = request_cost_usd(
             query.input_tokens,
             self.tok_hat[query.row, view.model_cols],
             view.price_in_per_mtok,
             view.price_out_per_mtok,
         )
-        return Decision(llm=view.names[int(np.argmin(np.where(ok, c, np.inf)))])
+        return Decision(llm=view.names[int(np.argmin(np.where(ok, c, np.inf)))], final=True)
+
+    def _last_present(self, rung: int, view: ClusterView) -> bool:
+        """Whether no later rung of the chain is in the cluster: then the rung's answer is
+        final, and the judge is not paid to score it. (A later rung that is down may be back
+        when the answer comes, so it still counts.)"""
+        return not any(name in view.names for name in self.chain[rung + 1 :])
 
     def on_answer(self, query: Query, answer: Answer, view: ClusterView) -> Decision | None:
         if answer.llm not in self.chain or answer.llm not in self.llms:
@@ -247,9 +256,9 @@ class CascadeRouter(LearnedRouter):
         if _accepts(p, self.tradeoff_value):
             return None
         ok = available(view)
-        for name in self.chain[rung + 1 :]:
+        for later, name in enumerate(self.chain[rung + 1 :], rung + 1):
             if name in view.names and ok[view.index(name)]:
-                return Decision(llm=name)
+                return Decision(llm=name, final=self._last_present(later, view))
         return None
 
     def on_llm_added(self, llm: LLMInfo) -> None:

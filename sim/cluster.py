@@ -52,6 +52,7 @@ class Job:
         "work_left",
         "seg_start",
         "seg_factor",
+        "final",
     )
 
     def __init__(self, rid: int, dep: Deployment, enq_s: float, deadline: float, primary: bool):
@@ -77,6 +78,7 @@ class Job:
         self.seg_start = float("nan")
         self.seg_factor = 1.0
         self.reject_reason = -1  # a sim.record REJECT_* code once rejected
+        self.final = False  # its decision said no escalation follows: the answer is not judged
         # Billed at the list prices in force when the call was routed (the prices the policy
         # decided on; for a request's first call, those of its reference cost), not at
         # service start.

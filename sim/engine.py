@@ -3,6 +3,8 @@
 Lifecycle of a request: arrival -> policy.route -> queue at the chosen deployment (rejected
 when down, full or rate-limited) -> wait (abandoned when the user's patience runs out) ->
 service -> completion (quality and cost realised) -> maybe feedback after a delay.
+A policy that overrides `on_answer` (a cascade) gets each single answer, judged and billed
+for the judge, unless its decision said `final`; a Decision from it escalates.
 A job that fails in an outage is re-offered to the policy up to `run.max_retries` times;
 queued jobs of a removed deployment are re-offered (not counted as retries). A re-offer goes
 to `policy.route`, unless the request has an answer in hand (an escalation failed or was
@@ -454,7 +456,7 @@ class Simulation:
             for k, name in enumerate(dec.extra, 1):
                 self._submit(rid, name, now, rnd, k)
         else:
-            self._submit(rid, dec.llm, now, rnd, 0)
+            self._submit(rid, dec.llm, now, rnd, 0, dec.final)
 
     def _record_decision(self, rid: int, dec: Decision, view) -> None:
         scores, terms = dec.scores, dec.terms
@@ -481,7 +483,8 @@ class Simulation:
                 else:
                     mat[at] = vals
 
-    def _submit(self, rid: int, name: str, now: float, rnd: int, answer: int) -> None:
+    def _submit(self, rid: int, name: str, now: float, rnd: int, answer: int,
+                final: bool = False) -> None:
         d = self.cluster.by_name.get(name)
         if d is None or not d.present:
             present = ", ".join(self.cluster.view.names)
@@ -498,6 +501,8 @@ class Simulation:
         if rnd or answer:
             job.round = rnd
             job.answer = answer
+        if final:
+            job.final = True
         if d.n_up == 0 or not d.take_rate_token(now):
             job.state = DONE
             if d.n_up == 0:
@@ -639,7 +644,7 @@ class Simulation:
             return
         if outcome == COMPLETED:
             qual = self._quality.item(self._rows_l[rid], job.dep.col)
-            if self._wants_answers:
+            if self._wants_answers and not job.final:
                 nxt, ans = self._ask_escalation(job, qual, t)
                 if nxt is not None:
                     # Keep the answer in hand: if the escalation never completes, the user

@@ -134,9 +134,11 @@ def evaluate_offline(
                                                                np.array(answer_tokens))))
             else:
                 kept_quality, kept, _ = quals[0]
-            # As in the engine: a fan-out ends the request; a single answer goes to the
-            # judge and then to on_answer, for policies that want answers (cascades).
-            if k >= max_attempts or decision.extra or not _wants_answers(policy):
+            # As in the engine: a fan-out ends the request, and so does a final decision;
+            # another single answer goes to the judge and then to on_answer, for policies
+            # that want answers (cascades).
+            if (k >= max_attempts or decision.extra or decision.final
+                    or not _wants_answers(policy)):
                 break
             cost_sum += judge.answer_cost_usd(q.input_tokens, answer_tokens[0])
             ans = Answer(

@@ -159,7 +159,9 @@ class Decision:
     `llm` answer), "best_judged" (the answer the scenario's judge scores highest: realised
     quality plus the judge's noise, the scorer cascades use; a rule a real router can run)
     or "best_realised" (the best of all answers, which no router knows before judging: a run
-    that used it is an upper bound, labelled so in reports).
+    that used it is an upper bound, labelled so in reports). `final=True` says the policy
+    will not escalate after this call's answer (a cascade's last rung): the answer is
+    delivered as it is, neither judged (nor billed for the judge) nor shown to `on_answer`.
     """
 
     llm: str
@@ -167,6 +169,7 @@ class Decision:
     terms: Mapping[str, np.ndarray] | None = None
     extra: tuple[str, ...] = ()
     keep: str = "primary"
+    final: bool = False
 
 
 @dataclass(slots=True)

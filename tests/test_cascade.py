@@ -150,16 +150,16 @@ def test_the_acceptance_rule_is_calibrated_for_the_scenarios_judge(wl):
     assert sharp_scenario._p_good(*args)[0] > fitted(1.0)._p_good(*args)[0]
 
 
-def test_validation_counts_the_judges_price_of_every_answer(wl):
+def test_validation_counts_the_judges_price_of_every_answer_but_the_last_rungs(wl):
     """The chain and threshold are chosen on validation costs that include judging each
-    answer: accepting the first answer always pays one judged answer per row, running the
-    whole chain one per rung."""
+    answer the cascade acts on: accepting the first answer pays one judged answer per row;
+    running the whole chain pays one per rung except the last, whose answer is final."""
     from dataclasses import replace
 
     from policies.quality_model import validation_truth
 
     def fitted(judge):
-        pol = registry.create("cascade", {"chain": ["small", "large"]})
+        pol = registry.create("cascade", {"chain": ["small", "mid", "large"]})
         pol.setup(replace(context(wl, llm_infos()), judge=judge))
         return pol
 
@@ -171,6 +171,57 @@ def test_validation_counts_the_judges_price_of_every_answer(wl):
         q1, c1 = paid._validation_point(threshold, truth)
         assert q1 == q0
         assert c1 - c0 == pytest.approx(100 * 0.001 * calls * n / truth.ref_cost)
+
+
+def test_the_last_rungs_answer_is_final_and_not_judged(wl):
+    """A chain that never accepts pays the judge for every answer but the last rung's, whose
+    decision says final, offline and in the engine; a later rung that left the cluster
+    makes an earlier one final."""
+    from dataclasses import replace
+
+    from helpers import llm, scenario
+    from sim.engine import Simulation, prepare_inputs
+    from sim.runner import build_workload
+    from sim.scenario import JudgeSpec
+
+    chain = ["small", "mid", "large"]
+    llms = llm_infos()
+    rows = wl.rows(SPLIT_TEST)
+
+    def offline(cost):
+        pol = registry.create("cascade", {"chain": chain, "accept_threshold": 1.0})
+        pol.setup(replace(context(wl, llms), judge=JudgeInfo(cost_usd=cost)))
+        return evaluate_offline(pol, wl, llms, rows, reference=reference(llms),
+                                judge=JudgeSpec(cost_usd=cost))
+
+    free, paid = offline(0.0), offline(0.01)
+    assert (paid.attempts == 3).all()
+    assert paid.cost_usd - free.cost_usd == pytest.approx(0.02 * len(rows))
+
+    pol = registry.create("cascade", {"chain": chain, "accept_threshold": 1.0})
+    pol.setup(context(wl, llms))
+    q = Query(id=0, row=int(rows[0]), arrival_s=0.0, input_tokens=10, task=0)
+    assert not pol.route(q, idle_view(llms)).final
+    steps = [pol.on_answer(q, Answer(name, 0.0, 0.0, 0.0), idle_view(llms))
+             for name in chain[:2]]
+    assert [(d.llm, d.final) for d in steps] == [("mid", False), ("large", True)]
+    without_large = idle_view([x for x in llms if x.name != "large"])
+    assert pol.on_answer(q, Answer("small", 0.0, 0.0, 0.0), without_large).final
+
+    def engine(cost):
+        sc = scenario(duration_s=60, judge={"noise": 0.0, "cost_usd": cost},
+                      llms=[llm("mistral-7b", price_in_per_mtok=0.2, price_out_per_mtok=0.2),
+                            llm("mixtral-8x7b", price_in_per_mtok=0.6,
+                                price_out_per_mtok=0.6), llm("gpt-4")],
+                      run={"drain_s": None})
+        pol = registry.create("cascade", {"chain": ["mistral-7b", "mixtral-8x7b", "gpt-4"],
+                                          "accept_threshold": 1.0})
+        inputs = prepare_inputs(sc, build_workload(sc, sc.seed), sc.seed)
+        return Simulation(sc, pol, inputs, seed=sc.seed).run().requests
+
+    free, paid = engine(0.0), engine(0.01)
+    assert (paid["attempts"] == 3).all() and (paid["llm"] == "gpt-4").all()
+    np.testing.assert_allclose((paid["cost_usd"] - free["cost_usd"]).to_numpy(), 0.02)
 
 
 def test_the_engine_hands_the_scenarios_judge_to_policies():
