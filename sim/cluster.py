@@ -27,6 +27,9 @@ from sim.types import ClusterView, Workload
 # Job states
 QUEUED, RUNNING, DONE, CANCELLED = 0, 1, 2, 3
 
+# A deadline heap is compacted when it holds more than 2 x queued + this many entries.
+HEAP_SLACK = 64
+
 
 class Job:
     """One LLM call of a request (a request has several with retries, cascades or top-k)."""
@@ -301,7 +304,7 @@ class Cluster:
             self._mark(d)
         if job.deadline != float("inf"):
             h = d.qheap
-            if len(h) > 2 * d.n_queued + 64:
+            if len(h) > 2 * d.n_queued + HEAP_SLACK:
                 # Started and abandoned jobs leave their entries behind (skipped when popped
                 # at their deadline); dropping them keeps the heap near the queue's size.
                 # (deadline, seq) orders entries totally, so the pops come out as before.

@@ -256,7 +256,8 @@ class ClusterView:
         return self._index[name]
 
     def refresh(self, i: int) -> None:
-        """Recompute the derived entries of deployment i (called by the engine)."""
+        """Recompute the derived entries of deployment i from the view's own arrays (the
+        engine writes them from its state instead: `sim.cluster.Cluster.sync_view`)."""
         cap = int(self.capacity[i])
         q = int(self.queue_len[i])
         b = int(self.busy[i])

@@ -8,6 +8,7 @@ identical outputs.
 from __future__ import annotations
 
 from collections import Counter
+from unittest import mock
 
 import numpy as np
 import polars as pl
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 from helpers import llm
 from policies import registry
 from policies.base import BasePolicy
+from sim import cluster
 from sim.cluster import QUEUED
 from sim.engine import Simulation, prepare_inputs
 from sim.metrics import summarize
@@ -215,36 +217,51 @@ def test_requests_with_several_jobs_keep_time_and_waits_consistent(case, policy_
 
 
 class ViewChecking(FanOutAndEscalate):
-    """At every call with a view, checks it against one built afresh from the cluster's
-    state (the engine writes only the entries of deployments that changed, lazily), and
-    that no queued job's deadline has passed (expiry is lazy too)."""
+    """At every call, checks the view against one built afresh from the cluster's state (the
+    engine writes only the entries of deployments that changed, lazily), that no queued
+    job's deadline has passed and no feedback that is due is held back (both are lazy too),
+    and that every queued job is in its deployment's deadline heap (which is compacted)."""
 
     def __init__(self, seed: int):
         super().__init__(seed)
         self.sim = None
         self.checks = 0
+        self.hook_checks = 0
+        self.feedbacks = 0
 
-    def _check(self, view) -> None:
+    def _check(self, view, *, hook: bool = False) -> None:
         cl = self.sim.cluster
+        ps = cl.present
         fresh = ClusterView(
-            names=tuple(d.name for d in cl.present), models=view.models,
-            model_cols=view.model_cols, price_in_per_mtok=view.price_in_per_mtok,
-            price_out_per_mtok=view.price_out_per_mtok,
-            up=np.array([d.n_up > 0 for d in cl.present]),
-            capacity=np.array([d.n_up * d.spec.slots for d in cl.present]),
-            busy=np.array([sum(d.active) for d in cl.present]),
-            queue_len=np.array([sum(j.state == QUEUED for j in d.queue) for d in cl.present]),
-            max_queue=view.max_queue,
-            mean_service_s=np.array([d.mean_service_s for d in cl.present]),
-            speed_factor=np.array([d.speed_factor for d in cl.present]),
+            names=tuple(d.name for d in ps), models=tuple(d.spec.model_name for d in ps),
+            model_cols=np.array([d.col for d in ps]),
+            price_in_per_mtok=np.array([d.price_in for d in ps]),
+            price_out_per_mtok=np.array([d.price_out for d in ps]),
+            up=np.array([d.n_up > 0 for d in ps]),
+            capacity=np.array([d.n_up * d.spec.slots for d in ps]),
+            busy=np.array([sum(d.active) for d in ps]),
+            queue_len=np.array([sum(j.state == QUEUED for j in d.queue) for d in ps]),
+            max_queue=np.array([d.spec.max_queue for d in ps]),
+            mean_service_s=np.array([d.mean_service_s for d in ps]),
+            speed_factor=np.array([d.speed_factor for d in ps]),
         )
-        assert view.names == fresh.names
-        for f in ("up", "capacity", "busy", "queue_len", "mean_service_s", "speed_factor",
+        assert view.names == fresh.names and view.models == fresh.models
+        for f in ("model_cols", "price_in_per_mtok", "price_out_per_mtok", "up", "capacity",
+                  "busy", "queue_len", "max_queue", "mean_service_s", "speed_factor",
                   "est_wait_s", "load", "accepting"):
             np.testing.assert_array_equal(getattr(view, f), getattr(fresh, f), err_msg=f)
         now = self.sim.env.now
+        assert all(j.deadline > now for d in ps for j in d.queue if j.state == QUEUED)
+        for d in ps:
+            in_heap = {id(e[2]) for e in d.qheap}
+            assert all(id(j) in in_heap for j in d.queue
+                       if j.state == QUEUED and j.deadline < np.inf)
+        if hook:  # hooks get no view: one a policy kept must be current all the same
+            self.hook_checks += 1
+            return
         assert view.now == now
-        assert all(j.deadline > now for d in cl.present for j in d.queue if j.state == QUEUED)
+        fb = self.sim._fb_heap
+        assert not fb or fb[0][0] > now
         self.checks += 1
 
     def route(self, query, view):
@@ -255,6 +272,18 @@ class ViewChecking(FanOutAndEscalate):
         self._check(view)
         return super().on_answer(query, answer, view)
 
+    def feedback(self, fb):
+        self.feedbacks += 1
+
+    def on_llm_added(self, llm):
+        self._check(self.sim.cluster.view, hook=True)
+
+    def on_llm_removed(self, name):
+        self._check(self.sim.cluster.view, hook=True)
+
+    def on_price_changed(self, llm):
+        self._check(self.sim.cluster.view, hook=True)
+
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenarios(), st.integers(0, 10_000))
@@ -263,5 +292,10 @@ def test_policies_see_the_exact_cluster_state(case, policy_seed):
     policy = ViewChecking(policy_seed)
     sim, inputs = simulation(sc, policy)
     policy.sim = sim
-    sim.run()
+    # Compact deadline heaps as soon as they hold any entry of a job that left the queue.
+    with mock.patch.object(cluster, "HEAP_SLACK", 0):
+        res = sim.run()
     assert policy.checks >= inputs.arrival_s.size
+    # (A run without drain_s ends once drained, which can be before its last events.)
+    hooks = res.events.filter(pl.col("kind").is_in(["add_llm", "remove_llm", "price_change"]))
+    assert policy.hook_checks == hooks.height

@@ -91,9 +91,12 @@ class LinUCBBank:
 
     A slot is one deployment. A new slot starts at A = I / prior_scale (prior_scale > 1: more
     uncertain than a fresh slot). Served contexts are queued by `observe` and applied in
-    batches by `flush`, each one an O(d^2) rank-one update of A^-1:
+    batches by `flush`: the result of the rank-one updates
 
-        A^-1 <- A^-1 - (A^-1 x)(A^-1 x)^T / (1 + x^T A^-1 x)
+        A^-1 <- A^-1 - (A^-1 x)(A^-1 x)^T / (1 + x^T A^-1 x),
+
+    one per context, computed for a whole batch at once (O(d^3) per slot and batch instead
+    of O(d^2) per context; one context alone is one such step).
     """
 
     def __init__(self, dim: int, capacity: int = 16):
