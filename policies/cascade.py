@@ -244,7 +244,8 @@ class CascadeRouter(LearnedRouter):
     def _last_present(self, rung: int, view: ClusterView) -> bool:
         """Whether no later rung of the chain is in the cluster: then the rung's answer is
         final, and the judge is not paid to score it. (A later rung that is down may be back
-        when the answer comes, so it still counts.)"""
+        when the answer comes, so it still counts; one that joins the cluster meanwhile is
+        not used for this request.)"""
         return not any(name in view.names for name in self.chain[rung + 1 :])
 
     def on_answer(self, query: Query, answer: Answer, view: ClusterView) -> Decision | None:

@@ -635,8 +635,9 @@ class MixLLMPolicy(BasePolicy):
         if self._use_unc:
             m = self._ainv if self._ainv_version == self._bank.version else self._scaled_ainv()
             # np.dot: for these small operands it is faster than @ (no ufunc machinery). The
-            # forms stay positive: A^-1 is positive definite with eigenvalues >= 1 / (1 + the
-            # LLM's observations) and |x| = 1, far above the rounding of a 100-term sum.
+            # forms stay positive: A^-1 is positive definite with eigenvalues >= 1 / (1 /
+            # prior_scale + the LLM's observations) and |x| = 1, far above the rounding of
+            # the sum of d (d + 1) / 2 products.
             if self._u2 is not None:
                 unc = np.dot(m, self._u2[r])
             else:
