@@ -63,11 +63,11 @@ from sim.types import KEEP_RULES, Answer, Decision, Feedback, LLMInfo, Query, Wo
 
 # Among events at the same time: completions first (work that ends as an outage starts was
 # done), then scenario events, recoveries and everything else, then arrivals (an arrival at
-# t sees the cluster as the events at t left it). Without this, ties went by creation order:
-# whether an arrival at an outage's end was served depended on when the previous one came.
+# t sees the cluster as the events at t left it; see _ArrivalsEnvironment). Without this,
+# ties went by creation order: whether an arrival at an outage's end was served depended on
+# when the previous one came.
 PRIORITY_COMPLETION = simpy.core.URGENT
 PRIORITY_DISPATCH = simpy.core.NORMAL + 1  # a slot freed by a completion at an event's time
-PRIORITY_ARRIVAL = simpy.core.NORMAL + 2
 
 
 class _At(simpy.events.Timeout):
@@ -83,6 +83,32 @@ class _At(simpy.events.Timeout):
         self._delay = delay
         self._ok = True
         env.schedule(self, priority, delay)
+
+
+class _ArrivalsEnvironment(simpy.Environment):
+    """SimPy's environment with the run's arrivals merged into its event order instead of
+    scheduled as one event each: they are known before the run, and half of a run's events.
+    `next_arrival_s` is the next arrival's time (inf: none). It is handled after every
+    scheduled event at or before its time, whatever their priority, so it comes where an
+    arrival event with a priority below all others would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.next_arrival_s = math.inf
+        self.on_arrival: Callable[[], None] | None = None
+
+    def peek(self) -> float:
+        return min(super().peek(), self.next_arrival_s)
+
+    def step(self) -> None:
+        q = self._queue
+        t = self.next_arrival_s
+        if t < (q[0][0] if q else math.inf):
+            self._now = t
+            self.next_arrival_s = math.inf
+            self.on_arrival()
+        else:
+            super().step()
 
 
 # Order matters: appending a subsystem at the end keeps existing streams unchanged.
@@ -231,7 +257,8 @@ class Simulation:
         self.wl = inputs.workload
         self.seed = seed
         self.progress = progress
-        self.env = simpy.Environment()
+        self.env = _ArrivalsEnvironment()
+        self.env.on_arrival = self._on_arrival
         rngs = subsystem_rngs(seed)
         all_specs = scenario.all_llms()
         self.cluster = Cluster(all_specs, self.wl, [s.name for s in scenario.llms])
@@ -318,8 +345,7 @@ class Simulation:
             t = env.timeout(ev.at_s, value=(i, ev))
             t.callbacks.append(self._on_event)
         if self.n:
-            first = _At(env, float(self._c_arr[0]), PRIORITY_ARRIVAL)
-            first.callbacks.append(self._on_arrival)
+            env.next_arrival_s = float(self._c_arr[0])
         env.process(self._sampler())
         horizon = math.inf if sc.run.drain_s is None else sc.duration_s + sc.run.drain_s
         if horizon == math.inf:
@@ -381,7 +407,7 @@ class Simulation:
             yield env.timeout(step)
 
     # ------------------------------------------------------------------------- arrivals
-    def _on_arrival(self, _ev) -> None:
+    def _on_arrival(self) -> None:
         rid = self._next
         self._next += 1
         self._in_system += 1
@@ -390,8 +416,8 @@ class Simulation:
             self._observe(now)
         self._offer(rid, 0, now)
         if self._next < self.n:
-            nxt = _At(self.env, self._arr_l[self._next] - now, PRIORITY_ARRIVAL)
-            nxt.callbacks.append(self._on_arrival)
+            # The time a Timeout of the difference would land on (bit for bit).
+            self.env.next_arrival_s = now + (self._arr_l[self._next] - now)
 
     def _query(self, rid: int, attempt: int) -> Query:
         row = self._rows_l[rid]
