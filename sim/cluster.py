@@ -16,6 +16,7 @@ completion event per job instead of re-timing every running job on each arrival)
 from __future__ import annotations
 
 import heapq
+import math
 from collections import deque
 from collections.abc import Sequence
 
@@ -237,6 +238,13 @@ class Cluster:
             speed_factor=np.array([d.speed_factor for d in ps], dtype=float),
             now=now,
         )
+        v = self.view
+        # The entries sync_view writes, as memoryviews of the view's arrays: half the cost
+        # of numpy's scalar writes.
+        self._view_mv = tuple(
+            memoryview(a) for a in (v.queue_len, v.busy, v.mean_service_s, v.est_wait_s,
+                                    v.load, v.accepting)
+        )
 
     def refresh_capacity(self, d: Deployment) -> None:
         if d.vi >= 0:
@@ -253,31 +261,31 @@ class Cluster:
         """Write the view entries of every deployment whose state changed since the last
         call (queue length, busy slots, service-time estimate and the derived entries)."""
         if self._stale:
-            v = self.view
+            queue_len, busy, mean_service_s = self._view_mv[:3]
             for d in self._stale:
                 d.stale = False
                 i = d.vi
-                v.queue_len[i] = d.n_queued
-                v.busy[i] = d.busy
-                v.mean_service_s[i] = d.mean_service_s
+                queue_len[i] = d.n_queued
+                busy[i] = d.busy
+                mean_service_s[i] = d.mean_service_s
                 self._refresh(d)
             self._stale.clear()
 
     def _refresh(self, d: Deployment) -> None:
         """The view's derived entries for d, from Python-side state (no numpy reads)."""
-        v = self.view
+        _, _, _, est_wait_s, load, accepting = self._view_mv
         i = d.vi
         ups = d.n_up
         if ups:
             cap = ups * d.spec.slots
             ahead = d.n_queued + d.busy - cap + 1
-            v.est_wait_s[i] = ahead * d.mean_service_s / cap if ahead > 0 else 0.0
-            v.load[i] = (d.busy + d.n_queued) / cap
-            v.accepting[i] = d.busy < cap or d.n_queued < d.spec.max_queue
+            est_wait_s[i] = ahead * d.mean_service_s / cap if ahead > 0 else 0.0
+            load[i] = (d.busy + d.n_queued) / cap
+            accepting[i] = d.busy < cap or d.n_queued < d.spec.max_queue
         else:
-            v.est_wait_s[i] = np.inf
-            v.load[i] = np.inf
-            v.accepting[i] = False
+            est_wait_s[i] = math.inf
+            load[i] = math.inf
+            accepting[i] = False
 
     def set_speed_factor(self, d: Deployment, factor: float) -> None:
         """A slowdown starts or ends: the view shows it at once, and the service-time
