@@ -63,7 +63,7 @@ from sim.types import KEEP_RULES, Answer, Decision, Feedback, LLMInfo, Query, Wo
 
 # Among events at the same time: completions first (work that ends as an outage starts was
 # done), then scenario events, recoveries and everything else, then arrivals (an arrival at
-# t sees the cluster as the events at t left it; see _ArrivalsEnvironment). Without this,
+# t sees the cluster as the events at t left it; see _LeanEnvironment). Without this,
 # ties went by creation order: whether an arrival at an outage's end was served depended on
 # when the previous one came.
 PRIORITY_COMPLETION = simpy.core.URGENT
@@ -85,17 +85,28 @@ class _At(simpy.events.Timeout):
         env.schedule(self, priority, delay)
 
 
-class _ArrivalsEnvironment(simpy.Environment):
-    """SimPy's environment with the run's arrivals merged into its event order instead of
-    scheduled as one event each: they are known before the run, and half of a run's events.
-    `next_arrival_s` is the next arrival's time (inf: none). It is handled after every
-    scheduled event at or before its time, whatever their priority, so it comes where an
-    arrival event with a priority below all others would."""
+class _LeanEnvironment(simpy.Environment):
+    """SimPy's environment, with the two kinds of events that make almost all of a run's
+    events handled without an Event object each, in the same order as events:
+
+    - Arrivals are known before the run. `next_arrival_s` is the next one's time (inf:
+      none); it is handled after every scheduled event at or before its time, whatever
+      their priority, so it comes where an arrival event with a priority below all others
+      would.
+    - A job's completion is an entry (time, PRIORITY_COMPLETION, id, job, token) in SimPy's
+      own queue, ordered among events by the same keys as a Timeout of that priority.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.next_arrival_s = math.inf
         self.on_arrival: Callable[[], None] | None = None
+        self.on_complete: Callable[[Job, int], None] | None = None
+
+    def complete_in(self, delay: float, job: Job) -> None:
+        """Call `on_complete(job, token)` after `delay`, with the job's token now."""
+        heapq.heappush(self._queue,
+                       (self._now + delay, PRIORITY_COMPLETION, next(self._eid), job, job.token))
 
     def peek(self) -> float:
         return min(super().peek(), self.next_arrival_s)
@@ -103,10 +114,15 @@ class _ArrivalsEnvironment(simpy.Environment):
     def step(self) -> None:
         q = self._queue
         t = self.next_arrival_s
-        if t < (q[0][0] if q else math.inf):
+        if not q or t < q[0][0]:
+            if t == math.inf:
+                raise simpy.core.EmptySchedule
             self._now = t
             self.next_arrival_s = math.inf
             self.on_arrival()
+        elif len(q[0]) == 5:
+            self._now, _, _, job, token = heapq.heappop(q)
+            self.on_complete(job, token)
         else:
             super().step()
 
@@ -257,8 +273,9 @@ class Simulation:
         self.wl = inputs.workload
         self.seed = seed
         self.progress = progress
-        self.env = _ArrivalsEnvironment()
+        self.env = _LeanEnvironment()
         self.env.on_arrival = self._on_arrival
+        self.env.on_complete = self._on_complete
         rngs = subsystem_rngs(seed)
         all_specs = scenario.all_llms()
         self.cluster = Cluster(all_specs, self.wl, [s.name for s in scenario.llms])
@@ -583,8 +600,7 @@ class Simulation:
         job.cost_usd = (inp * job.price_in + out * job.price_out) / 1e6
         self.cluster.set_active(d, r, +1)
         d.running[r].add(job)
-        ev = _At(self.env, svc, PRIORITY_COMPLETION, (job, job.token))
-        ev.callbacks.append(self._on_complete)
+        self.env.complete_in(svc, job)
 
     def _count_load_rejection(self, d, now: float) -> None:
         if self.sc.warmup_s <= now < self.sc.duration_s:
@@ -601,8 +617,7 @@ class Simulation:
         return math.exp(math.log(o.mean_s) - s2 / 2 + math.sqrt(s2) * z)
 
     # ----------------------------------------------------------------------- completion
-    def _on_complete(self, ev) -> None:
-        job, token = ev.value
+    def _on_complete(self, job: Job, token: int) -> None:
         if job.state != RUNNING or job.token != token:
             return  # failed in an outage after this completion was scheduled
         now = self.env.now
@@ -993,8 +1008,7 @@ class Simulation:
                 job.seg_start, job.seg_factor = now, factor
                 job.service_s = now - job.start_s + job.work_left * factor
                 job.token += 1
-                ev = _At(self.env, job.work_left * factor, PRIORITY_COMPLETION, (job, job.token))
-                ev.callbacks.append(self._on_complete)
+                self.env.complete_in(job.work_left * factor, job)
 
     # -------------------------------------------------------------------------- results
     def _result(self, end_s: float) -> RunResult:
