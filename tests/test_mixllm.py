@@ -308,19 +308,19 @@ def test_sherman_morrison_and_batched_flush_equal_direct_inverse():
     for x in xs:
         sherman_morrison_update(one_by_one, x)
     np.testing.assert_allclose(one_by_one, direct, rtol=1e-9, atol=1e-12)
-    bank = LinUCBBank(d, capacity=1)
+    bank = LinUCBBank(xs, capacity=1)
     s0, s1 = bank.add_slot(), bank.add_slot(prior_scale=4.0)  # grows past capacity
     s2 = bank.add_slot()
     # Two flushes; slots interleaved, with more contexts than dimensions (s0's first batch)
     # and fewer (s0's second, s1's one, s2's three).
-    for x in xs[:25]:
-        bank.observe(s0, x)
-    bank.observe(s1, xs[0])
+    for row in range(25):
+        bank.observe(s0, row)
+    bank.observe(s1, 0)
     bank.flush()
-    for i, x in enumerate(xs[25:]):
-        bank.observe(s0, x)
+    for i in range(15):
+        bank.observe(s0, 25 + i)
         if i < 3:
-            bank.observe(s2, xs[i])
+            bank.observe(s2, i)
     bank.flush()
     np.testing.assert_allclose(bank.ainv[s0], direct, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(
@@ -330,7 +330,7 @@ def test_sherman_morrison_and_batched_flush_equal_direct_inverse():
         bank.ainv[s2], np.linalg.inv(np.eye(d) + xs[:3].T @ xs[:3]), rtol=1e-9, atol=1e-12
     )
     np.testing.assert_array_equal(bank.ainv[s2], bank.ainv[s2].T)
-    bank.observe(s1, xs[1])  # a single update is one Sherman-Morrison step
+    bank.observe(s1, 1)  # a single update is one Sherman-Morrison step
     bank.flush()
     np.testing.assert_allclose(
         bank.ainv[s1], np.linalg.inv(np.eye(d) / 4.0 + xs[:2].T @ xs[:2]), rtol=1e-9

@@ -90,8 +90,9 @@ class LinUCBBank:
     """Per-LLM inverse design matrices A_l^-1 (LinUCB), updated by Sherman-Morrison.
 
     A slot is one deployment. A new slot starts at A = I / prior_scale (prior_scale > 1: more
-    uncertain than a fresh slot). Served contexts are queued by `observe` and applied in
-    batches by `flush`: the result of the rank-one updates
+    uncertain than a fresh slot). Contexts are the rows of `contexts` (one per query). Served
+    contexts are queued by `observe` (as row numbers) and applied in batches by `flush`: the
+    result of the rank-one updates
 
         A^-1 <- A^-1 - (A^-1 x)(A^-1 x)^T / (1 + x^T A^-1 x),
 
@@ -99,12 +100,14 @@ class LinUCBBank:
     of O(d^2) per context; one context alone is one such step).
     """
 
-    def __init__(self, dim: int, capacity: int = 16):
-        self.dim = dim
+    def __init__(self, contexts: np.ndarray, capacity: int = 16):
+        self.contexts = contexts
+        self.dim = dim = contexts.shape[1]
         self.ainv = np.zeros((capacity, dim, dim))
+        self._eye = np.eye(dim)
         self.n_slots = 0
         self.version = 0  # bumped whenever some A^-1 changes (callers cache stacks by it)
-        self._pending: dict[int, list[np.ndarray]] = {}  # slot -> contexts, in order
+        self._pending: dict[int, list[int]] = {}  # slot -> context rows, in order
         self.pending = 0  # contexts queued for the next flush
 
     def add_slot(self, prior_scale: float = 1.0) -> int:
@@ -123,13 +126,13 @@ class LinUCBBank:
         self.ainv[slot] = np.eye(self.dim) * prior_scale
         self.version += 1
 
-    def observe(self, slot: int, x: np.ndarray) -> None:
-        """Queue "slot served a query with context x" for the next `flush`."""
-        xs = self._pending.get(slot)
-        if xs is None:
-            self._pending[slot] = [x]
+    def observe(self, slot: int, row: int) -> None:
+        """Queue "slot served the query of context row `row`" for the next `flush`."""
+        rows = self._pending.get(slot)
+        if rows is None:
+            self._pending[slot] = [row]
         else:
-            xs.append(x)
+            rows.append(row)
         self.pending += 1
 
     def flush(self) -> None:
@@ -141,18 +144,18 @@ class LinUCBBank:
         if not self.pending:
             return
         if self.pending == 1:
-            ((slot, (x,)),) = self._pending.items()
-            sherman_morrison_update(self.ainv[slot], x)
+            ((slot, (row,)),) = self._pending.items()
+            sherman_morrison_update(self.ainv[slot], self.contexts[row])
         else:
             touched = sorted(self._pending)
             grams = []
             for slot in touched:
-                xs = np.asarray(self._pending[slot], dtype=np.float64)
+                xs = self.contexts[self._pending[slot]]
                 grams.append(xs.T @ xs)
             gram = np.stack(grams)
             ainv = self.ainv[touched]
             m = ainv @ gram
-            m[:, np.arange(self.dim), np.arange(self.dim)] += 1.0
+            m += self._eye
             new = np.linalg.solve(m, ainv)
             # Keep A^-1 exactly symmetric so rounding does not accumulate over many batches.
             new += new.transpose(0, 2, 1)

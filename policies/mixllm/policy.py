@@ -386,7 +386,7 @@ class MixLLMPolicy(BasePolicy):
         (the initial LLMs only; predictors are kept)."""
         p: MixLLMParams = self.params
         ctx = self.ctx
-        self._bank = LinUCBBank(self._u.shape[1], capacity=max(4, 2 * len(self._llms0)))
+        self._bank = LinUCBBank(self._u, capacity=max(4, 2 * len(self._llms0)))
         self._slot: dict[str, int] = {}
         self._info: dict[str, LLMInfo] = {}
         for llm in self._llms0:
@@ -564,6 +564,7 @@ class MixLLMPolicy(BasePolicy):
         cols = np.array(cols, dtype=np.int64)
         self._cols = cols
         self._slots = np.array([self._slot[nm] for nm in self._names], dtype=np.int64)
+        self._slots_l = self._slots.tolist()
         self._pin = np.array(pin, dtype=np.float64)
         self._pout = np.array(pout, dtype=np.float64)
         self._qc = np.ascontiguousarray(self._q_live[:, cols])  # (n, L) predicted quality
@@ -673,7 +674,7 @@ class MixLLMPolicy(BasePolicy):
             extra = self._extras(score, acc, best, r)
         if self._use_unc:
             bank = self._bank
-            bank.observe(int(self._slots[best]), self._u[r])
+            bank.observe(self._slots_l[best], r)
             if bank.pending >= self._update_every:
                 bank.flush()
         return Decision(
@@ -695,7 +696,7 @@ class MixLLMPolicy(BasePolicy):
         order = [j for j in order if np.isfinite(masked[j])]
         if self._use_unc:
             for j in order:
-                self._bank.observe(int(self._slots[j]), self._u[row])
+                self._bank.observe(self._slots_l[j], row)
         return tuple(self._names[j] for j in order)
 
     # -------------------------------------------------------------------------- feedback
