@@ -343,7 +343,6 @@ class Simulation:
         # Per-request counters as Python lists (hot path); copied into the columns at the end.
         self._wait = [0.0] * n
         self._attempts = [0] * n
-        self._score = c["score"]
         self._arr_l = inputs.arrival_s.tolist()
         self._patience_l = inputs.users.patience_s.tolist()
         self._task_l = self.wl.task.tolist()
@@ -522,7 +521,7 @@ class Simulation:
                 mat[at] = scores
             vi = view._index.get(dec.llm)
             if vi is not None:
-                self._score[rid] = scores[vi]
+                self._cols_mv["score"][rid] = scores[vi]
         if terms:
             for term, vals in terms.items():
                 mat = mats.get(term)
