@@ -418,12 +418,32 @@ def grid_scenario():
                                      "price_out_per_mtok": 0.2}]})
 
 
-@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads /proc (Linux)")
-def test_sigterm_stops_the_sweep_workers(tmp_path):
-    """A terminated `routesim sweep` stops its worker processes (they used to run on,
-    orphaned, for as long as their cells took) and exits 128 + SIGTERM."""
+def _children(pid: int) -> set[int]:
+    """Every descendant of a process (Linux /proc)."""
+    out: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            kids = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for k in map(int, kids):
+            out |= {k} | _children(k)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+
+
+def _stop_a_long_sweep(tmp_path: Path, sig: int) -> tuple[int, set[int]]:
+    """Start `routesim sweep` on two long cells with two workers, send `sig` to the driver
+    once both workers run a cell; returns its exit code and its descendants then (the
+    workers and the pool's helper processes), after they had time to end."""
     import os
-    import signal
     import subprocess
     import sys
     import time
@@ -435,51 +455,56 @@ def test_sigterm_stops_the_sweep_workers(tmp_path):
         "name": "long", "base": "steady", "policies": ["random"], "seeds": [1, 2],
         "overrides": {"duration_s": 10**6},
     }))
-
-    def children(pid: int) -> set[int]:
-        out: set[int] = set()
-        for task in Path(f"/proc/{pid}/task").glob("*"):
-            try:
-                kids = (task / "children").read_text().split()
-            except OSError:
-                continue
-            for k in map(int, kids):
-                out |= {k} | children(k)
-        return out
-
-    def alive(pid: int) -> bool:
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            return False
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
-
     proc = subprocess.Popen(
         [sys.executable, "-m", "sim.cli", "sweep", str(gfile), "--workers", "2", "--out",
          str(tmp_path / "out"), "--no-report"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=Path(__file__).parents[1],
         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
     )
+    kids: set[int] = set()
     try:
         # Wait (the bound only stops a hung test) until both workers run a cell.
-        kids: set[int] = set()
         for _ in range(1200):
-            kids = children(proc.pid)
+            kids = _children(proc.pid)
             if len(kids) >= 2 and any((tmp_path / "out").rglob("*")):
                 break
             assert proc.poll() is None, proc.stderr.read().decode()
             time.sleep(0.1)
         assert len(kids) >= 2
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         proc.wait(timeout=120)
         for _ in range(600):  # their exit is asynchronous to the driver's
-            if not any(alive(k) for k in kids):
+            if not any(_alive(k) for k in kids):
                 break
             time.sleep(0.1)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM
-    assert not any(alive(k) for k in kids)
+        for k in kids:  # a failing run leaves nothing behind
+            if _alive(k):
+                os.kill(k, 9)
+    return proc.returncode, kids
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads /proc (Linux)")
+def test_sigterm_stops_the_sweep_workers(tmp_path):
+    """A terminated `routesim sweep` stops its worker processes (they used to run on,
+    orphaned, for as long as their cells took) and exits 128 + SIGTERM."""
+    import signal
+
+    code, kids = _stop_a_long_sweep(tmp_path, signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM
+    assert not any(_alive(k) for k in kids)
     # The finished (here: none) and pending cells are listed, so a rerun resumes.
     assert (tmp_path / "out" / "sweep.parquet").is_file()
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads /proc (Linux)")
+def test_a_killed_sweep_driver_takes_its_workers_with_it(tmp_path):
+    """SIGKILL reaches no handler of the driver: its workers end by the parent-death signal
+    they asked the kernel for (they used to run on until their cells ended)."""
+    import signal
+
+    code, kids = _stop_a_long_sweep(tmp_path, signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    assert not any(_alive(k) for k in kids)
