@@ -21,12 +21,13 @@ call, also the prices of its reference cost), even if a price change comes while
 A fan-out round in which no copy was served and a copy's user gave up is not retried: the
 request is abandoned then.
 
-Two exact shortcuts keep the event loop lean (one SimPy event per arrival and one per
-service): abandonment and feedback delivery are evaluated lazily. A queued job whose
-deadline passed is marked abandoned *at its deadline* the next time anything looks at its
-queue (a decision, a dispatch, a timeline sample), so every observation sees the exact
-state. Feedback due at time t is handed to the policy before the first decision at or after
-t, which is the only moment the policy's state matters.
+The event loop is lean. Arrivals and completions, almost all of a run's events, are handled
+by the environment without a SimPy Event object each (see _LeanEnvironment). Two exact
+shortcuts leave no other event per request: abandonment and feedback delivery are evaluated
+lazily. A queued job whose deadline passed is marked abandoned *at its deadline* the next
+time anything looks at its queue (a decision, a dispatch, a timeline sample), so every
+observation sees the exact state. Feedback due at time t is handed to the policy before the
+first decision at or after t, which is the only moment the policy's state matters.
 """
 
 from __future__ import annotations
