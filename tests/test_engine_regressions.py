@@ -707,6 +707,21 @@ def test_a_job_ending_as_an_outage_starts_is_completed_not_failed(tmp_path):
     assert (r["outcome"], r["end_s"]) == ("completed", 1.0)
 
 
+@pytest.mark.parametrize("service_s", [1.0, 0.3])
+def test_an_arrival_as_a_job_completes_finds_its_slot_free(tmp_path, service_s):
+    # One slot and no queue: request 1 arrives exactly as request 0 ends. Completions come
+    # before arrivals at the same time, so it is served at once, not rejected.
+    sc = traced(
+        tmp_path, [0.0, service_s],
+        llms=[llm("A", model="gpt-4", replicas=1, slots=1, max_queue=0,
+                  service=_det(service_s))],
+        run={"drain_s": None},
+    )
+    req = run(sc, Always("A")).requests
+    assert req["outcome"].to_list() == ["completed", "completed"]
+    assert req["end_s"][0] == req["start_s"][1] == req["arrival_s"][1]
+
+
 @pytest.mark.parametrize("primary,extra", [("A", "B"), ("B", "A")])
 def test_an_abandoned_fan_out_is_recorded_at_its_primary(tmp_path, primary, extra):
     # Both copies queue behind requests 0 and 1 and give up together at 2.1; the request
