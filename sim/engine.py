@@ -438,8 +438,9 @@ class Simulation:
             self._observe(now)
         self._offer(rid, 0, now)
         if self._next < self.n:
-            # The time a Timeout of the difference would land on (bit for bit).
-            self.env.next_arrival_s = now + (self._arr_l[self._next] - now)
+            # The arrival's own time: a delay from now (now + (t - now)) can round one ulp
+            # past it, and past a later arrival at the same time (the clock went back).
+            self.env.next_arrival_s = self._arr_l[self._next]
 
     def _query(self, rid: int, attempt: int) -> Query:
         row = self._rows_l[rid]
@@ -522,7 +523,14 @@ class Simulation:
                 mat[at] = scores
             vi = view._index.get(dec.llm)
             if vi is not None:
-                self._cols_mv["score"][rid] = scores[vi]
+                try:
+                    self._cols_mv["score"][rid] = scores[vi]
+                except (TypeError, ValueError):
+                    raise RouteSimError(
+                        f"policy {getattr(self.policy, 'name', '?')!r} returned the score "
+                        f"{scores[vi]!r} for {dec.llm!r}; scores must be numbers",
+                        field="decision.scores",
+                    ) from None
         if terms:
             for term, vals in terms.items():
                 mat = mats.get(term)

@@ -722,6 +722,36 @@ def test_an_arrival_as_a_job_completes_finds_its_slot_free(tmp_path, service_s):
     assert req["end_s"][0] == req["start_s"][1] == req["arrival_s"][1]
 
 
+def test_arrivals_at_a_repeated_trace_time_keep_the_clock_going_forward(tmp_path):
+    # 0.3 + (0.9 - 0.3) rounds to one ulp above 0.9: the arrival at 0.9 was scheduled as a
+    # delay from the one before, so the next one, at 0.9 again, had a negative delay (a
+    # crash) or moved the clock back.
+    sc = traced(tmp_path, [0.3, 0.9, 0.9], llms=[llm("A", model="gpt-4")],
+                run={"drain_s": None})
+    req = run(sc, Always("A")).requests
+    assert req["outcome"].to_list() == ["completed"] * 3
+    assert req["start_s"].to_list() == [0.3, 0.9, 0.9] == req["arrival_s"].to_list()
+
+
+class ScoresOf(BasePolicy):
+    name = "scores_of_test"
+
+    def __init__(self, scores):
+        super().__init__()
+        self.scores = scores
+
+    def route(self, query, view):
+        return Decision(view.names[0], scores=self.scores)
+
+
+@pytest.mark.parametrize("scores", [[None, 0.5], ["0.5", "0.25"]])
+def test_a_score_that_is_not_a_number_is_a_clear_error(scores):
+    sc = scenario(duration_s=5.0)
+    with pytest.raises(RouteSimError, match="scores must be numbers") as err:
+        run(sc, ScoresOf(scores))
+    assert err.value.field == "decision.scores"
+
+
 @pytest.mark.parametrize("primary,extra", [("A", "B"), ("B", "A")])
 def test_an_abandoned_fan_out_is_recorded_at_its_primary(tmp_path, primary, extra):
     # Both copies queue behind requests 0 and 1 and give up together at 2.1; the request
