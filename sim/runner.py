@@ -194,13 +194,16 @@ def run(
     reg = _registry()
     out_dir = Path(out) if out is not None else None
     staging = None
-    if out_dir is not None:
-        check_out_dir(out)  # as given: Path("") would already be "."
-        staging = _Staging(out_dir, scenario.name)
     where = "--policy" if policies else "policies"
     summaries: list[dict[str, Any]] = []
     req_frames, tl_frames, ev_frames = [], [], []
     try:
+        if out_dir is not None:
+            check_out_dir(out)  # as given: Path("") would already be "."
+            # Held: a Ctrl-C or SIGTERM between making the staging directory and knowing it
+            # here would leave it behind.
+            with _signals_held():
+                staging = _Staging(out_dir, scenario.name)
         for seed in seed_list:
             workload = build_workload(scenario, seed)
             inputs = prepare_inputs(scenario, workload, seed)
@@ -305,8 +308,12 @@ class _Staging:
         # again at commit, so a scenario another process finished meanwhile is not lost.
         _other_scenarios(out / "summary.parquet", scenario_name)
         self.dir.mkdir(parents=True)
-        with _out_lock(out):
-            _remove_dead_staging(out, base)
+        try:
+            with _out_lock(out):
+                _remove_dead_staging(out, base)
+        except BaseException:
+            self.abort()
+            raise
 
     def commit(self, summary: pl.DataFrame, scenario_yaml: str) -> None:
         write_text(scenario_yaml, self.dir / "scenario.yaml")
