@@ -148,11 +148,10 @@ class LinUCBBank:
             sherman_morrison_update(self.ainv[slot], self.contexts[row])
         else:
             touched = sorted(self._pending)
-            grams = []
-            for slot in touched:
+            gram = np.empty((len(touched), self.dim, self.dim))
+            for i, slot in enumerate(touched):
                 xs = self.contexts[self._pending[slot]]
-                grams.append(xs.T @ xs)
-            gram = np.stack(grams)
+                gram[i] = xs.T @ xs
             ainv = self.ainv[touched]
             m = ainv @ gram
             m += self._eye
