@@ -10,7 +10,7 @@ knows nothing about policies: it starts, queues and finishes jobs.
 Batching model: a replica decodes up to `slots` sequences at once; a sequence's decode speed
 is decode_tps / (1 + batching_slowdown * (k - 1)), with k the sequences on that replica when
 it starts (fixed for its lifetime: an approximation of continuous batching that keeps one
-completion event per job instead of re-timing every running job on each arrival).
+completion per job instead of re-timing every running job on each arrival).
 """
 
 from __future__ import annotations

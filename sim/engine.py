@@ -282,6 +282,10 @@ class Simulation:
         self.cluster = Cluster(all_specs, self.wl, [s.name for s in scenario.llms])
         self.names = [s.name for s in all_specs]
         n = inputs.arrival_s.size
+        if n > 1 and not (np.diff(inputs.arrival_s) >= 0).all():
+            # The environment takes arrivals in this order: the clock would go back.
+            raise RouteSimError("arrival times must be sorted (as prepare_inputs makes them)",
+                                field="inputs.arrival_s")
         self.n = n
         self.rec = RequestRecorder(n, self.names)
         self.timeline = GrowingColumns(
@@ -330,7 +334,6 @@ class Simulation:
         self._rows = inputs.rows
         self._in_tok = self.wl.input_tokens
         self._task = self.wl.task
-        self._quality = self.wl.quality
         self._out_tok = self.wl.output_tokens
         self._patience = inputs.users.patience_s
         # Python lists for the per-event scalar reads (numpy scalar indexing is ~5x slower).
@@ -1006,7 +1009,7 @@ class Simulation:
     def _set_speed(self, d, factor: float, now: float) -> None:
         """A slowdown starts or ends: new jobs and the rest of every running job go at the
         new speed. A running job's work done so far is kept and its completion re-timed
-        (the old completion event is voided by the job's token, as in an outage)."""
+        (the old completion entry is voided by the job's token, as in an outage)."""
         if factor == d.speed_factor:
             return
         self.cluster.set_speed_factor(d, factor)

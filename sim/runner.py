@@ -375,18 +375,36 @@ def _out_lock(out: Path):
 
 @contextmanager
 def _signals_held():
-    """Ctrl-C and SIGTERM wait until the block ends (the swap is a few renames): a signal
-    between two renames would otherwise leave half a swap behind."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    if not hasattr(signal, "pthread_sigmask") or (
-            threading.current_thread() is not threading.main_thread()):
+    """Ctrl-C and SIGTERM wait until the block ends: a signal between two renames of a swap,
+    or between making a staging directory and knowing it, would leave something behind.
+
+    While the block runs, handlers that only note the signal replace the process's; after
+    it, those are restored and each noted signal is raised again. (Blocking the signals in
+    the main thread would not do: numpy and polars run other threads, the kernel hands the
+    signal to one of them, and Python still runs the handler in the main thread at once.)
+    Only the main thread can set handlers; elsewhere the block runs unprotected.
+    """
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.getsignal(s) for s in held}
+    if (threading.current_thread() is not threading.main_thread()
+            or any(h is None for h in previous.values())):  # a handler Python cannot restore
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    noted: list[int] = []
+
+    def note(signum, _frame):
+        if signum not in noted:
+            noted.append(signum)
+
+    for s in held:
+        signal.signal(s, note)
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
+        for s in noted:
+            signal.raise_signal(s)
 
 
 def _remove_dead_staging(out: Path, name: str) -> None:

@@ -333,6 +333,42 @@ def test_an_interrupt_while_staging_is_set_up_leaves_nothing(tmp_path, monkeypat
     assert not out.exists()
 
 
+def test_signals_during_a_held_block_come_after_it():
+    """Blocking the signals in the main thread held nothing: the kernel handed them to
+    another thread (numpy and polars run some) and Python raised in the main thread at
+    once, in the middle of the block."""
+    import os
+    import select
+    import signal
+    import threading
+
+    from sim.runner import _signals_held
+
+    idle = threading.Event()
+    other = threading.Thread(target=idle.wait)  # a thread that does not block them
+    other.start()
+    # The wakeup fd tells when the signal has reached the C handler, in whichever thread.
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    previous_fd = signal.set_wakeup_fd(w)
+    reached_end = False
+    try:
+        with pytest.raises(KeyboardInterrupt), _signals_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            assert select.select([r], [], [], 60)[0]  # the bound only stops a hang
+            for _ in range(1000):  # Python runs its handler at the next check
+                pass
+            reached_end = True
+    finally:
+        signal.set_wakeup_fd(previous_fd)
+        os.close(r)
+        os.close(w)
+        idle.set()
+        other.join()
+    assert reached_end
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_the_saved_scenario_runs_the_policies_that_ran(tmp_path):
     """--policy replaces the file's list: the saved scenario.yaml says so, and running it
     again reproduces the run."""

@@ -733,6 +733,16 @@ def test_arrivals_at_a_repeated_trace_time_keep_the_clock_going_forward(tmp_path
     assert req["start_s"].to_list() == [0.3, 0.9, 0.9] == req["arrival_s"].to_list()
 
 
+def test_unsorted_arrival_times_are_refused():
+    sc = scenario(duration_s=20.0)
+    wl = build_workload(sc, 1)
+    inputs = prepare_inputs(sc, wl, 1)
+    inputs.arrival_s[[1, 2]] = inputs.arrival_s[[2, 1]]
+    with pytest.raises(RouteSimError, match="must be sorted") as err:
+        Simulation(sc, Always("gpt-4"), inputs, seed=1)
+    assert err.value.field == "inputs.arrival_s"
+
+
 class ScoresOf(BasePolicy):
     name = "scores_of_test"
 
