@@ -335,9 +335,12 @@ class Cluster:
         if not d.stale:
             self._mark(d)
 
-    def service_observed(self, d: Deployment, service_s: float) -> None:
-        """A job finished after `service_s`: update d's running service-time estimate, an
-        EWMA over completed jobs (a router learns a duration only once it has elapsed)."""
+    def job_done(self, d: Deployment, replica: int, service_s: float) -> None:
+        """A job on `replica` finished after `service_s`: its slot is free, and d's running
+        service-time estimate, an EWMA over completed jobs, moves (a router learns a
+        duration only once it has elapsed)."""
+        d.active[replica] -= 1
+        d.busy -= 1
         d.mean_service_s += 0.02 * (service_s - d.mean_service_s)
         if not d.stale:
             self._mark(d)

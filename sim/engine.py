@@ -562,7 +562,7 @@ class Simulation:
             job.answer = answer
         if final:
             job.final = True
-        if d.n_up == 0 or not d.take_rate_token(now):
+        if d.n_up == 0 or (d.spec.rate_limit_per_s is not None and not d.take_rate_token(now)):
             job.state = DONE
             if d.n_up == 0:
                 job.reject_reason = REJECT_DOWN
@@ -590,7 +590,10 @@ class Simulation:
         job.replica = r
         job.state = RUNNING
         job.start_s = now
-        self._add_wait(job, now - job.enq_s)
+        if self._topk:
+            self._add_wait(job, now - job.enq_s)
+        else:  # no fan-out in flight: the wait is the request's own
+            self._wait[rid] += now - job.enq_s
         row = self._rows_l[rid]
         out = self._out_tok_mv[row, d.col]
         inp = self._in_tok_l[row]
@@ -636,8 +639,7 @@ class Simulation:
         r = job.replica
         job.state = DONE
         d.running[r].discard(job)
-        self.cluster.service_observed(d, job.service_s)
-        self.cluster.set_active(d, r, -1)
+        self.cluster.job_done(d, r, job.service_s)
         self._done_count[d.idx] += 1
         if now in self._event_times:
             # A scenario event at this very time (an outage, a removal) comes after this
