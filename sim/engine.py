@@ -472,7 +472,8 @@ class Simulation:
         self.cluster.sync_view()
         view = self.cluster.view
         view.now = now
-        q = self._query(rid, attempt)
+        row = self._rows_l[rid]
+        q = Query(rid, row, self._arr_l[rid], self._in_tok_l[row], self._task_l[row], attempt)
         held = self._answered.get(rid)
         if held is None:
             dec: Decision = self.policy.route(q, view)
@@ -658,7 +659,8 @@ class Simulation:
     def _dispatch(self, d: Deployment, now: float) -> None:
         """Fill free slots of up replicas from the FCFS queue (skipping abandoned jobs)."""
         q = d.queue
-        while q:
+        slots = d.n_up * d.spec.slots  # down replicas run nothing: busy < slots is a free one
+        while q and d.busy < slots:
             r = d.free_replica()
             if r < 0:
                 return
