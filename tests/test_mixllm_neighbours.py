@@ -140,3 +140,112 @@ def test_prices_in_force_survive_a_reset_of_what_was_learned():
     pol.feedback(Feedback(0, int(wl.rows(SPLIT_TEST)[0]), cheap.name, 1.0, 0.0))
     pol.apply_feedback()  # binds from the known deployments: at the new price
     assert pol._pin[pol._names.index(cheap.name)] == 50.0
+
+
+def test_nearest_rows_among_candidates_match_brute_force(monkeypatch):
+    monkeypatch.setattr(neighbours, "BLOCK_ENTRIES", 5 * 20)  # 5-row blocks
+    x = np.random.default_rng(2).normal(size=(30, 4))
+    among = np.array([1, 4, 7, 8, 12, 15, 16, 20, 22, 23, 25, 27, 28, 29, 3, 9, 10, 11, 0, 2])
+    got = nearest_rows(x, 6, among=among)
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    sim = xn @ xn[among].T
+    assert [set(r.tolist()) for r in got] == [
+        set(np.argsort(-sim[i], kind="stable")[:6].tolist()) for i in range(30)]
+    assert nearest_rows(x, 50, among=among[:3]).tolist() == [[0, 1, 2]] * 30
+
+
+@pytest.mark.parametrize("soft", [False, True])
+@pytest.mark.parametrize("table", [True, False])
+def test_answer_correlation_is_the_neighbours_mean_weighted_by_the_rewards_likelihood(
+        monkeypatch, soft, table):
+    monkeypatch.setattr(neighbours, "BLOCK_ENTRIES", 3 * 4 * 3)  # 3-row blocks of the tables
+    rng = np.random.default_rng(3)
+    answers = rng.random((12, 3)) if soft else (rng.random((12, 3)) < 0.6).astype(float)
+    nbr = np.stack([rng.choice(12, 4, replace=False) for _ in range(10)])
+    # 10 rows x 3 columns x (3 + 1) entries x 8 bytes: the table, or one byte short of it.
+    corr = neighbours.AnswerCorrelation(nbr, answers, prior_n=2.0,
+                                        table_bytes=960 if table else 959)
+    assert (corr.products is not None) == table
+    rows = np.array([0, 4, 4, 9, 7])
+    observed = np.array([1, 0, 2, 1, 0])
+    reward = np.array([1.0, 0.0, 1.0, 0.0, 0.5])
+    prior = rng.random((5, 3))
+    got, worth = corr.expected(rows, observed, reward, prior)
+    for b, (r, lo, y) in enumerate(zip(rows, observed, reward, strict=True)):
+        a = answers[nbr[r]]
+        w = y * a[:, lo] + (1 - y) * (1 - a[:, lo])  # likelihood of y under each neighbour
+        want = (2.0 * prior[b] + w @ a) / (2.0 + w.sum())
+        want[lo] = y
+        np.testing.assert_allclose(got[b], want, rtol=1e-12)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            r2 = np.nan_to_num(np.corrcoef(a.T)[lo] ** 2)  # no variance: worth nothing
+        r2[lo] = 1.0
+        np.testing.assert_allclose(worth[b], r2, rtol=1e-9, atol=1e-12)
+
+
+def test_observations_count_with_their_weights():
+    nbr = np.tile(np.arange(4), (4, 1))
+    post = NeighbourPosterior(nbr, n_models=2)
+    post.observe(np.array([0, 1]), np.array([0, 0]), np.array([1.0, 0.5]), np.array([1.0, 0.25]))
+    np.testing.assert_allclose(post.count[:, 0], 1.25)
+    np.testing.assert_allclose(post.total[:, 0], 1.125)
+    # prior 0.5 worth 2 answers, 1.25 answers seen adding up to 1.125
+    np.testing.assert_allclose(post.posterior(0, np.full(4, 0.5), 2.0), (1.0 + 1.125) / 3.25)
+    assert post.count[:, 1].sum() == 0
+
+
+def correlated_workload(n: int = 800):
+    """Two LLMs with the same answer to every query (one per query, either way at random):
+    one's reward is the other's answer."""
+    rng = np.random.default_rng(4)
+    shared = (rng.random(n) < 0.5).astype(float)
+    p = np.column_stack([shared, shared, np.full(n, 0.9)])
+    return make_workload(n, p=p)
+
+
+@pytest.mark.parametrize("worth", ["one", "r2"])
+def test_a_reward_moves_the_estimates_of_the_llms_not_chosen_and_the_switch_turns_it_off(
+        worth):
+    wl = correlated_workload()
+    llms = infos(wl)
+    row = int(wl.rows(SPLIT_TEST)[0])
+    cols = [x.model_col for x in llms]
+    live = {}
+    for impute in (True, False):
+        pol = make_policy(wl, llms, online=True, update_every=1, online_impute=impute,
+                          online_impute_worth=worth)
+        before = pol._q_live[row].copy()
+        pol.feedback(Feedback(0, row, llms[0].name, 0.0, 0.0))
+        live[impute] = pol._q_live[row] - before
+    # Where llm 0 is wrong, the query's neighbours say llm 1 is wrong too: its estimate drops
+    # almost as far as llm 0's own (the imputed answer is shrunk towards the offline
+    # prediction by 5 answers against the dozens of neighbours agreeing with the reward, and
+    # worth the squared correlation, 1 here). llm 2's answers do not depend on llm 0's: it
+    # barely moves.
+    drop = -live[True]
+    assert drop[cols[0]] == pytest.approx(-live[False][cols[0]])
+    assert drop[cols[0]] > 0
+    assert 0.8 * drop[cols[0]] < drop[cols[1]] <= drop[cols[0]]
+    assert abs(drop[cols[2]]) < 0.2 * drop[cols[0]]
+    if worth == "r2":
+        # Worth the squared correlation, about 1/k for independent answers over k neighbours.
+        assert abs(drop[cols[2]]) < 0.01 * drop[cols[0]]
+    assert live[False][cols[1]] == 0.0 and live[False][cols[2]] == 0.0
+
+
+def test_answer_correlation_covers_only_llms_fitted_on_every_fit_row():
+    wl = correlated_workload()
+    llms = infos(wl)
+    pol = make_policy(wl, llms[:2], online=True, warm_start_n=4, update_every=1)
+    pol.on_llm_added(llms[2])  # fitted on 4 warm-start rows: its answers elsewhere unknown
+    row = int(wl.rows(SPLIT_TEST)[0])
+    new = llms[2].model_col
+    before = pol._q_live[row].copy()
+    pol.feedback(Feedback(0, row, llms[0].name, 0.0, 0.0))
+    assert pol._q_live[row, new] == before[new]  # nothing imputed to it
+    moved = pol._q_live[row].copy()
+    pol.feedback(Feedback(1, row, llms[2].name, 0.0, 1.0))
+    changed = np.flatnonzero(pol._q_live[row] != moved)
+    assert changed.tolist() == [new]  # nor from it
+    pol.refit_columns({llms[0].model_col: np.arange(10)})
+    assert pol._correlation is None  # its tables hold answers the refit says are unknown

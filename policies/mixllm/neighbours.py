@@ -14,6 +14,11 @@ chosen LLM is observed) locally, where a linear correction on a low-dimensional 
 cannot. It needs no gradient steps: a batch of feedback adds counts along precomputed reverse
 neighbour lists, O(batch x n_neighbours), and the decision itself only indexes arrays.
 
+Bandit feedback shows the chosen LLM's answer only, but answers to one query are correlated
+across LLMs, so a reward also says something about the LLMs not chosen. `AnswerCorrelation`
+turns each reward into expected answers of the others (from the answers the query's nearest
+training rows got), which the posterior counts as observations too (`online_impute`).
+
 The neighbour lists are computed once for every workload row (cosine similarity of the same
 inputs the kNN predictor uses): O(n^2 d) at setup (a second for RouterBench's 3,150 usable
 rows), in blocks of rows so memory stays O(n K).
@@ -26,24 +31,115 @@ import numpy as np
 # Entries per block of the all-pairs similarity, whatever n is: the block (float32) and its
 # argpartition (int64) take 48 MiB at most.
 BLOCK_ENTRIES = 1 << 22
+# Largest per-row table `AnswerCorrelation` precomputes (bytes); beyond it (many workload rows
+# and LLMs), each feedback batch sums its rows' neighbours' answers instead.
+CORRELATION_TABLE_BYTES = 256 * 2**20
 
 
-def nearest_rows(x: np.ndarray, k: int) -> np.ndarray:
+def nearest_rows(x: np.ndarray, k: int, among: np.ndarray | None = None) -> np.ndarray:
     """(n, k) int32: each row's k most cosine-similar rows of `x` (itself among them, unless
-    more than k rows are identical to it)."""
+    more than k rows are identical to it); with `among` (row indices), its k most similar
+    rows of x[among], as positions in `among`."""
     n = x.shape[0]
-    k = max(1, min(k, n))
     xn = x.astype(np.float32, copy=True)
     xn /= np.maximum(np.linalg.norm(xn, axis=1, keepdims=True), 1e-12)
+    cand = xn if among is None else xn[among]
+    m = cand.shape[0]
+    k = max(1, min(k, m))
     out = np.empty((n, k), dtype=np.int32)
-    step = max(1, BLOCK_ENTRIES // n)
+    step = max(1, BLOCK_ENTRIES // max(m, 1))
     for s in range(0, n, step):
-        sim = xn[s : s + step] @ xn.T
-        if k < n:
-            out[s : s + step] = np.argpartition(sim, n - k, axis=1)[:, n - k :]
+        sim = xn[s : s + step] @ cand.T
+        if k < m:
+            out[s : s + step] = np.argpartition(sim, m - k, axis=1)[:, m - k :]
         else:
-            out[s : s + step] = np.arange(n)
+            out[s : s + step] = np.arange(m)
     return out
+
+
+class AnswerCorrelation:
+    """What one LLM's observed reward says about the others' answers to the same query.
+
+    Answers to a query are correlated across LLMs (a query one gets wrong is often hard for
+    the others too), so bandit feedback on the chosen LLM carries information about the
+    LLMs not chosen. For each workload row j and its `k` nearest training rows (with every
+    LLM's answer known), the expected answer of LLM m given that LLM l earned reward y on j
+    is the neighbours' mean answer of m, each neighbour weighted by the likelihood of y
+    under its own answer from l (a for y = 1, 1 - a for y = 0):
+
+        E[a_m | r_l = y] = (prior_n * q_off(j, m) + sum_i w_i a_im) / (prior_n + sum_i w_i),
+        w_i = y a_il + (1 - y) (1 - a_il),
+
+    shrunk towards the offline prediction q_off by `prior_n` answers where few neighbours
+    agree with y. It needs the sums sum_i a_il a_im (C x C per row) and sum_i a_im: computed
+    for every row before the run when that table fits in `table_bytes`, so a batch of
+    feedback only gathers entries; otherwise from the neighbours' answers, batch by batch.
+    """
+
+    def __init__(self, neighbours: np.ndarray, answers: np.ndarray, prior_n: float = 5.0,
+                 table_bytes: int = CORRELATION_TABLE_BYTES):
+        """`neighbours`: (n, k) positions of each workload row's nearest training rows in
+        `answers` (n_train, C), the training rows' answers of the C model columns."""
+        n, k = neighbours.shape
+        c = answers.shape[1]
+        self.k = float(k)
+        self.prior_n = float(prior_n)
+        self._neighbours = neighbours
+        self._answers = np.asarray(answers, dtype=np.float64)
+        self.sums: np.ndarray | None = None
+        self.products: np.ndarray | None = None
+        if n * c * (c + 1) * 8 <= table_bytes:
+            self.sums = np.empty((n, c))
+            self.products = np.empty((n, c, c))
+            step = max(1, BLOCK_ENTRIES // max(k * c, 1))
+            for s in range(0, n, step):
+                self.sums[s : s + step], self.products[s : s + step] = self._from_answers(
+                    np.arange(s, min(s + step, n)))
+            self.squares = np.einsum("nii->ni", self.products).copy()
+
+    def _from_answers(self, rows: np.ndarray, observed: np.ndarray | None = None):
+        """sum_i a_im (b, C) and sum_i a_il a_im: (b, C, C) for every l, or (b, C) for the
+        `observed` l of each row."""
+        nb = self._answers[self._neighbours[rows]]  # (b, k, C)
+        if observed is None:
+            return nb.sum(axis=1), nb.transpose(0, 2, 1) @ nb
+        a_l = nb[np.arange(len(rows)), :, observed]  # (b, k)
+        return nb.sum(axis=1), np.einsum("bk,bkc->bc", a_l, nb)
+
+    def expected(self, rows: np.ndarray, observed: np.ndarray, reward: np.ndarray,
+                 prior_q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Every column's expected answer on `rows` (b, C) given that column `observed`
+        (positions among the C) earned `reward` (in [0, 1]) there, `prior_q` (b, C) being
+        the offline predictions; and what each is worth in observed answers (b, C): the
+        squared correlation of the two columns' answers over the neighbours (the share of
+        one answer's variance the other explains), so an uncorrelated column's imputed
+        answer adds nothing that would dilute its real ones. The observed column's entry
+        is the reward itself, worth 1."""
+        y = np.asarray(reward, dtype=np.float64)[:, None]
+        b = np.arange(len(rows))
+        if self.products is not None:
+            s, both = self.sums[rows], self.products[rows, observed]
+        else:
+            s, both = self._from_answers(rows, observed)
+        s_l = s[b, observed][:, None]
+        num = y * both + (1.0 - y) * (s - both)
+        den = y * s_l + (1.0 - y) * (self.k - s_l)
+        out = (self.prior_n * prior_q + num) / (self.prior_n + den)
+        mean = s / self.k
+        var = self._squares(rows) / self.k - mean**2  # (b, C)
+        cov = both / self.k - mean[b, observed][:, None] * mean
+        scale = var[b, observed][:, None] * var
+        weight = np.divide(cov**2, scale, out=np.zeros_like(cov), where=scale > 1e-12)
+        np.clip(weight, 0.0, 1.0, out=weight)
+        out[b, observed] = y[:, 0]
+        weight[b, observed] = 1.0
+        return out, weight
+
+    def _squares(self, rows: np.ndarray) -> np.ndarray:
+        """sum_i a_im^2 (b, C)."""
+        if self.products is not None:
+            return self.squares[rows]
+        return (self._answers[self._neighbours[rows]] ** 2).sum(axis=1)
 
 
 class NeighbourPosterior:
@@ -59,9 +155,10 @@ class NeighbourPosterior:
         self.count = np.zeros((n, n_models))
         self.total = np.zeros((n, n_models))
 
-    def observe(self, rows: np.ndarray, cols: np.ndarray, rewards: np.ndarray) -> np.ndarray:
-        """Add answers (workload row, model column, reward in [0, 1]); returns the model
-        columns whose estimates changed."""
+    def observe(self, rows: np.ndarray, cols: np.ndarray, rewards: np.ndarray,
+                weights: np.ndarray | None = None) -> np.ndarray:
+        """Add answers (workload row, model column, reward in [0, 1]), each worth `weights`
+        answers (default 1); returns the model columns whose estimates changed."""
         if len(rows) == 0:
             return np.empty(0, dtype=np.int64)
         starts, ends = self._ptr[rows], self._ptr[rows + 1]
@@ -71,10 +168,16 @@ class NeighbourPosterior:
         n, m = self.count.shape
         cells = self._owners[offsets].astype(np.int64) * m + np.repeat(cols, sizes)
         # bincount, not np.add.at: 4-5x faster, and exact for counts and binary rewards.
-        self.count += np.bincount(cells, minlength=n * m).reshape(n, m)
+        rewards = np.asarray(rewards, dtype=np.float64)
+        if weights is None:
+            self.count += np.bincount(cells, minlength=n * m).reshape(n, m)
+        else:
+            weights = np.asarray(weights, dtype=np.float64)
+            self.count += np.bincount(
+                cells, weights=np.repeat(weights, sizes), minlength=n * m).reshape(n, m)
+            rewards = rewards * weights
         self.total += np.bincount(
-            cells, weights=np.repeat(rewards, sizes).astype(np.float64), minlength=n * m
-        ).reshape(n, m)
+            cells, weights=np.repeat(rewards, sizes), minlength=n * m).reshape(n, m)
         return np.unique(cols)
 
     def posterior(self, col: int, prior_q: np.ndarray, prior_n: float) -> np.ndarray:
