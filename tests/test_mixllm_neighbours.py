@@ -249,3 +249,19 @@ def test_answer_correlation_covers_only_llms_fitted_on_every_fit_row():
     assert changed.tolist() == [new]  # nor from it
     pol.refit_columns({llms[0].model_col: np.arange(10)})
     assert pol._correlation is None  # its tables hold answers the refit says are unknown
+
+
+def test_queries_of_a_task_family_absent_from_the_fit_rows_impute_nothing():
+    import dataclasses
+
+    wl = correlated_workload()
+    unseen = wl.task == 1
+    wl = dataclasses.replace(wl, split=np.where(unseen, SPLIT_TEST, wl.split).astype(np.int8))
+    llms = infos(wl)
+    pol = make_policy(wl, llms, online=True, update_every=1)
+    other = llms[1].model_col
+    for family, moves in ((1, False), (0, True)):
+        row = int(np.flatnonzero((wl.split == SPLIT_TEST) & (wl.task == family))[0])
+        before = pol._q_live[:, other].copy()
+        pol.feedback(Feedback(family, row, llms[0].name, 0.0, float(family)))
+        assert (not np.array_equal(pol._q_live[:, other], before)) == moves

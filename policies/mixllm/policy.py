@@ -77,11 +77,13 @@ Default knobs were chosen on RouterBench's training rows only (the test split ne
   critic pools evidence per task and along the context globally, so it wins with very
   little offline data and under a shift to tasks absent from training
   (scenarios/domain_shift.yaml, 5 seeds, paired against online off, mean [95% CI]:
-  neighbours +0.4 [-0.2, +1.0] quality points at 1.3 [-0.7, 3.3] points less cost, neither
-  settled; ridge +0.3 [-0.9, +1.5] at 5.2 [2.8, 7.5] less; both +0.3 [-0.7, +1.4] at 5.1
-  [1.8, 8.4] less; measured without imputation, which skips queries of task families absent
-  from the fit rows). The actor (online_pg 1) hurt at RouterBench 30% (AIQ -1.41 +- 0.50; at
-  5% +2.33 +- 0.54 at equal cost).
+  neighbours with imputation +0.5 [-0.1, +1.1] quality points at 1.1 [-0.8, 3.0] points
+  less cost, neither settled; ridge +0.3 [-0.9, +1.5] at 5.2 [2.8, 7.5] less; both, without
+  imputation, +0.3 [-0.7, +1.4] at 5.1 [1.8, 8.4] less). Imputation skips queries of task
+  families absent from the fit rows: their nearest fit rows are of other families (imputing
+  them anyway moved domain_shift's online cost to 1.5 [0.1, 2.9] points more). The actor
+  (online_pg 1) hurt at RouterBench 30% (AIQ -1.41 +- 0.50; at 5% +2.33 +- 0.54 at equal
+  cost).
 
 - top_k 1, keep primary. `bench_mixllm.py --part topk` (RouterBench test split, frontier
   hull quality at 25% of gpt-4's cost): k=1 97.2%; k=2 keeping the primary 94.4% (only more
