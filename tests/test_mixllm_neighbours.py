@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from test_mixllm import infos, make_policy, make_workload, query
@@ -9,7 +11,7 @@ from test_mixllm import infos, make_policy, make_workload, query
 from policies.mixllm import neighbours
 from policies.mixllm.neighbours import NeighbourPosterior, nearest_rows
 from sim.offline import idle_view
-from sim.types import SPLIT_TEST, Feedback
+from sim.types import SPLIT_TEST, SPLIT_VALID, Feedback
 
 
 def brute_nearest(x: np.ndarray, k: int) -> list[set[int]]:
@@ -251,11 +253,12 @@ def test_answer_correlation_covers_only_llms_fitted_on_every_fit_row():
     assert pol._correlation is None  # its tables hold answers the refit says are unknown
 
 
-def test_queries_of_a_task_family_absent_from_the_fit_rows_impute_nothing():
-    import dataclasses
-
+@pytest.mark.parametrize("kept", [0, 2])
+def test_queries_of_a_task_family_the_fit_rows_lack_impute_nothing(kept):
     wl = correlated_workload()
-    unseen = wl.task == 1
+    # Family 1 keeps `kept` training rows: its queries' nearest fit rows are of family 0.
+    unseen = (wl.task == 1) & (wl.split != SPLIT_TEST)
+    unseen[np.flatnonzero(unseen)[:kept]] = False
     wl = dataclasses.replace(wl, split=np.where(unseen, SPLIT_TEST, wl.split).astype(np.int8))
     llms = infos(wl)
     pol = make_policy(wl, llms, online=True, update_every=1)
@@ -265,3 +268,34 @@ def test_queries_of_a_task_family_absent_from_the_fit_rows_impute_nothing():
         before = pol._q_live[:, other].copy()
         pol.feedback(Feedback(family, row, llms[0].name, 0.0, float(family)))
         assert (not np.array_equal(pol._q_live[:, other], before)) == moves
+
+
+def test_an_imputed_answer_worth_r2_counts_its_squared_correlation():
+    wl = correlated_workload()
+    llms = infos(wl)
+    pol = make_policy(wl, llms, online=True, update_every=10, online_impute_worth="r2")
+    row = int(wl.rows(SPLIT_TEST)[0])
+    for i in range(10):
+        pol.feedback(Feedback(i, row, llms[0].name, 0.0, float(i)))
+    holders = np.flatnonzero((pol._nbr_lists == row).any(axis=1))
+    answers = wl.quality[pol._fit_rows][pol._correlation.neighbours[row]]
+    r2 = np.corrcoef(answers.T.astype(np.float64))[0] ** 2  # llm 0 against each
+    for col in (1, 2):
+        got = pol._posterior.count[holders, llms[col].model_col]
+        np.testing.assert_allclose(got, 10 * r2[col], rtol=1e-9)
+    assert r2[1] > 0.9 > 0.1 > r2[2]  # llm 1 answers as llm 0 does; llm 2 independently
+
+
+def test_with_fit_on_train_imputation_never_reads_validation_answers():
+    wl = correlated_workload()
+    llms = infos(wl)
+    valid = wl.split == SPLIT_VALID
+    flipped = dataclasses.replace(
+        wl, quality=np.where(valid[:, None], 1.0 - wl.quality, wl.quality).astype(np.float32))
+    row = int(wl.rows(SPLIT_TEST)[0])
+    live = []
+    for w in (wl, flipped):
+        pol = make_policy(w, llms, online=True, update_every=1, fit_on="train")
+        pol.feedback(Feedback(0, row, llms[0].name, 0.0, 0.0))
+        live.append(pol._q_live.copy())
+    np.testing.assert_array_equal(live[0], live[1])

@@ -17,7 +17,8 @@ neighbour lists, O(batch x n_neighbours), and the decision itself only indexes a
 Bandit feedback shows the chosen LLM's answer only, but answers to one query are correlated
 across LLMs, so a reward also says something about the LLMs not chosen. `AnswerCorrelation`
 turns each reward into expected answers of the others (from the answers the query's nearest
-training rows got), which the posterior counts as observations too (`online_impute`).
+training rows got), which the posterior counts as observations too (`online_impute`), each
+worth one observed answer or, with `online_impute_worth: r2`, its squared correlation.
 
 The neighbour lists are computed once for every workload row (cosine similarity of the same
 inputs the kNN predictor uses): O(n^2 d) at setup (a second for RouterBench's 3,150 usable
@@ -31,8 +32,9 @@ import numpy as np
 # Entries per block of the all-pairs similarity, whatever n is: the block (float32) and its
 # argpartition (int64) take 48 MiB at most.
 BLOCK_ENTRIES = 1 << 22
-# Largest per-row table `AnswerCorrelation` precomputes (bytes); beyond it (many workload rows
-# and LLMs), each feedback batch sums its rows' neighbours' answers instead.
+# Largest table (every row's sums and products together) `AnswerCorrelation` precomputes, in
+# bytes; beyond it (many workload rows and LLMs), each feedback batch sums its rows'
+# neighbours' answers instead.
 CORRELATION_TABLE_BYTES = 256 * 2**20
 
 
@@ -84,7 +86,7 @@ class AnswerCorrelation:
         c = answers.shape[1]
         self.k = float(k)
         self.prior_n = float(prior_n)
-        self._neighbours = neighbours
+        self.neighbours = neighbours
         self._answers = np.asarray(answers, dtype=np.float64)
         self.sums: np.ndarray | None = None
         self.products: np.ndarray | None = None
@@ -95,26 +97,31 @@ class AnswerCorrelation:
             for s in range(0, n, step):
                 self.sums[s : s + step], self.products[s : s + step] = self._from_answers(
                     np.arange(s, min(s + step, n)))
-            self.squares = np.einsum("nii->ni", self.products).copy()
 
     def _from_answers(self, rows: np.ndarray, observed: np.ndarray | None = None):
         """sum_i a_im (b, C) and sum_i a_il a_im: (b, C, C) for every l, or (b, C) for the
         `observed` l of each row."""
-        nb = self._answers[self._neighbours[rows]]  # (b, k, C)
+        nb = self._answers[self.neighbours[rows]]  # (b, k, C)
         if observed is None:
             return nb.sum(axis=1), nb.transpose(0, 2, 1) @ nb
         a_l = nb[np.arange(len(rows)), :, observed]  # (b, k)
         return nb.sum(axis=1), np.einsum("bk,bkc->bc", a_l, nb)
 
+    def __deepcopy__(self, memo: dict) -> AnswerCorrelation:
+        # Never modified after construction: copies of a policy (one per frontier point)
+        # share it instead of duplicating its tables.
+        return self
+
     def expected(self, rows: np.ndarray, observed: np.ndarray, reward: np.ndarray,
-                 prior_q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                 prior_q: np.ndarray, *, with_worth: bool = True
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
         """Every column's expected answer on `rows` (b, C) given that column `observed`
         (positions among the C) earned `reward` (in [0, 1]) there, `prior_q` (b, C) being
-        the offline predictions; and what each is worth in observed answers (b, C): the
-        squared correlation of the two columns' answers over the neighbours (the share of
-        one answer's variance the other explains), so an uncorrelated column's imputed
-        answer adds nothing that would dilute its real ones. The observed column's entry
-        is the reward itself, worth 1."""
+        the offline predictions; and (with `with_worth`, else None) what each is worth in
+        observed answers (b, C): the squared correlation of the two columns' answers over
+        the neighbours (the share of one answer's variance the other explains), by which an
+        uncorrelated column's imputed answer would add nothing to dilute its real ones. The
+        observed column's entry is the reward itself, worth 1."""
         y = np.asarray(reward, dtype=np.float64)[:, None]
         b = np.arange(len(rows))
         if self.products is not None:
@@ -125,21 +132,23 @@ class AnswerCorrelation:
         num = y * both + (1.0 - y) * (s - both)
         den = y * s_l + (1.0 - y) * (self.k - s_l)
         out = (self.prior_n * prior_q + num) / (self.prior_n + den)
+        out[b, observed] = y[:, 0]
+        if not with_worth:
+            return out, None
         mean = s / self.k
         var = self._squares(rows) / self.k - mean**2  # (b, C)
         cov = both / self.k - mean[b, observed][:, None] * mean
         scale = var[b, observed][:, None] * var
         weight = np.divide(cov**2, scale, out=np.zeros_like(cov), where=scale > 1e-12)
         np.clip(weight, 0.0, 1.0, out=weight)
-        out[b, observed] = y[:, 0]
         weight[b, observed] = 1.0
         return out, weight
 
     def _squares(self, rows: np.ndarray) -> np.ndarray:
         """sum_i a_im^2 (b, C)."""
         if self.products is not None:
-            return self.squares[rows]
-        return (self._answers[self._neighbours[rows]] ** 2).sum(axis=1)
+            return np.diagonal(self.products[rows], axis1=1, axis2=2)
+        return (self._answers[self.neighbours[rows]] ** 2).sum(axis=1)
 
 
 class NeighbourPosterior:

@@ -200,7 +200,8 @@ class MixLLMParams(BaseModel):
     online_impute: bool = Field(
         default=True, description="the neighbours critic also learns, from each reward, "
         "the expected answers of the LLMs not chosen (policies.mixllm.neighbours."
-        "AnswerCorrelation, over the kNN's k nearest fit rows)"
+        "AnswerCorrelation, over the nearest k fit rows: the kNN's k, 100 for other "
+        "predictors)"
     )
     online_impute_worth: Literal["r2", "one"] = Field(
         default="one", description="what an imputed answer counts as: r2, the squared "
@@ -379,9 +380,11 @@ class MixLLMPolicy(BasePolicy):
         if self._nbr_lists is not None and p.online_impute and cols:
             self._correlation = _answer_correlation(
                 self._x, self._fit_rows, train.quality[fit_idx][:, cols], self.knn_k or 100)
-            # A query of a task family no fit row has: its nearest fit rows are of other
-            # families, whose answers say nothing known about how LLMs agree on it.
-            self._corr_rows = np.isin(ctx.task, ctx.task[self._fit_rows])
+            # A query whose nearest fit rows are mostly of other task families (one of a
+            # family the fit rows lack, or barely have): their answers say nothing known
+            # about how LLMs agree on it.
+            own = ctx.task[self._fit_rows][self._correlation.neighbours] == ctx.task[:, None]
+            self._corr_rows = own.mean(axis=1) >= 0.5
         self._reset_online()
 
     def _set_cost_unit(self, llms: list[LLMInfo]) -> None:
@@ -504,7 +507,8 @@ class MixLLMPolicy(BasePolicy):
                     f"{n} training rows", field="mixllm.refit_columns")
             self._fit_column(int(col), np.sort(idx))
         # Its tables hold every fit row's answers, which these columns now must not know.
-        self._correlation = None
+        if set(fit_idx_by_column) & set(self._corr_cols.tolist()):
+            self._correlation = None
         self._reset_online()
 
     def _query_features(self, ctx: PolicyContext, train_rows: np.ndarray) -> np.ndarray:
@@ -786,16 +790,15 @@ class MixLLMPolicy(BasePolicy):
         if len(hit) == 0 or len(cover) < 2:
             return rows, cols, reward, None
         r = rows[hit]
+        r2 = self.params.online_impute_worth == "r2"
         imputed, worth = self._correlation.expected(
-            r, pos[hit], reward[hit], self.q_hat[r][:, cover])
+            r, pos[hit], reward[hit], self.q_hat[r][:, cover], with_worth=r2)
         others = np.ones(imputed.shape, dtype=bool)
         others[np.arange(len(hit)), pos[hit]] = False
         b, c = np.nonzero(others)
-        if self.params.online_impute_worth == "one":
-            worth = np.ones_like(worth)
         return (np.concatenate([rows, r[b]]), np.concatenate([cols, cover[c]]),
                 np.concatenate([reward, imputed[b, c]]),
-                np.concatenate([np.ones(len(rows)), worth[b, c]]))
+                np.concatenate([np.ones(len(rows)), worth[b, c] if r2 else np.ones(len(b))]))
 
     def _refresh_quality(self, col: int) -> None:
         """Model column `col`'s live quality from the neighbours posterior, pushed into the
