@@ -820,3 +820,47 @@ def test_a_lost_primarys_wait_ignores_copies_whose_answer_was_not_kept(tmp_path)
         assert (r1["llm"], r1["end_s"]) == ("B", pytest.approx(5.1))
         waits.append(r1["wait_s"])
     assert waits == [0.0, 0.0]
+
+
+class _FailsAfter(Always):
+    """Routes like Always, then raises on the n-th query."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.n, self.seen = n, 0
+
+    def route(self, query, view):
+        self.seen += 1
+        if self.seen == self.n:
+            raise RuntimeError("policy failed mid-run")
+        return super().route(query, view)
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_a_run_restores_the_processs_garbage_collector_settings(fails):
+    import gc
+
+    import sim.engine as engine
+
+    before = gc.get_threshold()
+    seen = []
+    sc = scenario(duration_s=60, llms=[llm("gpt-4", slots=100)], run={"drain_s": None})
+    policy = _FailsAfter(5 if fails else 10**9)
+    real_route = policy.route
+
+    def route(query, view):  # the thresholds in force while the run is going
+        seen.append(gc.get_threshold())
+        return real_route(query, view)
+
+    policy.route = route
+    try:
+        gc.set_threshold(123, 4, 5)
+        if fails:
+            with pytest.raises(RuntimeError, match="policy failed mid-run"):
+                run(sc, policy)
+        else:
+            run(sc, policy)
+        assert gc.get_threshold() == (123, 4, 5)
+    finally:
+        gc.set_threshold(*before)
+    assert seen and set(seen) == {(engine.GC_YOUNG_THRESHOLD, 4, 5)}

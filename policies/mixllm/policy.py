@@ -53,10 +53,10 @@ Default knobs were chosen on RouterBench's training rows only (the test split ne
 
   | fitted offline | nbrs + imputed | nbrs | ridge | both | ceiling (AIQ) |
   |---|---|---|---|---|---|
-  | synthetic 5% | +0.85 (0.22) | +1.26 (0.23) | +1.52 (0.35) | +2.04 (0.48) | +5.17 (0.43) |
+  | synthetic 5% | +0.91 (0.26) | +1.26 (0.23) | +1.52 (0.35) | +2.04 (0.48) | +5.17 (0.43) |
   | synthetic 10% | +0.64 (0.17) | +0.84 (0.13) | +0.38 (0.23) | +0.65 (0.27) | +3.30 (0.14) |
   | synthetic 30% * | +0.42 (0.07) | +0.49 (0.08) | -0.06 (0.11) | +0.18 (0.10) | +1.37 (0.11) |
-  | RouterBench 5% | +0.36 (0.24) | +0.58 (0.40) | +1.87 (0.55) | +2.17 (0.49) | +3.66 (0.51) |
+  | RouterBench 5% | +0.45 (0.21) | +0.58 (0.40) | +1.87 (0.55) | +2.17 (0.49) | +3.66 (0.51) |
   | RouterBench 10% | -0.16 (0.28) | -0.27 (0.20) | +0.48 (0.27) | +0.33 (0.32) | +1.54 (0.26) |
   | RouterBench 30% * | +0.02 (0.08) | -0.13 (0.10) | +0.02 (0.15) | -0.09 (0.15) | +0.72 (0.14) |
 
@@ -72,7 +72,7 @@ Default knobs were chosen on RouterBench's training rows only (the test split ne
   (`online_impute_worth: r2`) on held-out training rows (`--holdout-share 0.2`, 30 subsets,
   paired against no imputation: AIQ +0.13 +- 0.07 and +0.20 +- 0.11 at equal cost, against
   +0.06 +- 0.03 and +0.07 +- 0.07 for r2). With little offline data, r2 dilutes the real
-  answers less (synthetic 5%: +1.17 +- 0.21). The neighbours critic is the default because
+  answers less (synthetic 5%: +1.16 +- 0.21). The neighbours critic is the default because
   it is the one that gains under the issue's protocol on the synthetic workload; the ridge
   critic pools evidence per task and along the context globally, so it wins with very
   little offline data and under a shift to tasks absent from training
