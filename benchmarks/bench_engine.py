@@ -26,9 +26,16 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import simpy
+
+# This checkout's packages, not whichever tree is installed (comparing two checkouts runs
+# each one's copy of this script).
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 
 
 def raw_simpy_mmc(n: int, servers: int = 8, rho: float = 0.8, seed: int = 1) -> float:

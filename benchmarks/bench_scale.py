@@ -27,6 +27,12 @@ import tempfile
 import time
 from pathlib import Path
 
+# This checkout's packages, not whichever tree is installed (comparing two checkouts runs
+# each one's copy of this script).
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
 GIB = 1024**3
 
 

@@ -20,11 +20,18 @@ import argparse
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from sim.sweep import Grid, RayBackend, load_grid, parse_grid, run_sweep
+# This checkout's packages, not whichever tree is installed (comparing two checkouts runs
+# each one's copy of this script).
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from sim.sweep import Grid, RayBackend, load_grid, parse_grid, run_sweep  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -35,11 +35,17 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from policies.mixllm.encoder import FineTuneSettings, encoder_inputs, fine_tune
-from sim.embeddings import encode_texts, l2_normalise
-from sim.routerbench import ROUTERBENCH_PRICES_PER_MTOK, load_routerbench_workload
-from sim.scenario import EncoderSpec, WorkloadSpec
-from sim.types import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VALID, Workload
+# This checkout's packages, not whichever tree is installed (comparing two checkouts runs
+# each one's copy of this script).
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from policies.mixllm.encoder import FineTuneSettings, encoder_inputs, fine_tune  # noqa: E402
+from sim.embeddings import encode_texts, l2_normalise  # noqa: E402
+from sim.routerbench import ROUTERBENCH_PRICES_PER_MTOK, load_routerbench_workload  # noqa: E402
+from sim.scenario import EncoderSpec, WorkloadSpec  # noqa: E402
+from sim.types import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VALID, Workload  # noqa: E402
 
 K_CHOICES = (5, 10, 20, 40, 80, 160, 320)
 LOGISTIC_C = (0.1, 1.0, 10.0)
