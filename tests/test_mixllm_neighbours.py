@@ -84,17 +84,22 @@ def test_routing_uses_the_posterior_and_a_reset_forgets_it():
     assert pol.route(query(wl, 3, row), view).terms["quality"][0] == pytest.approx(before)
 
 
-def test_the_critics_neighbourhood_is_twice_the_knns_k_unless_set():
+def test_the_critics_neighbourhood_is_200_rows_unless_set():
     wl = make_workload(800)
     llms = infos(wl)
     pol = make_policy(wl, llms, online=True, knn_k=7)
-    # Each row's nearest rows, itself first: the posterior pools over twice the answers
-    # each offline prediction averages.
-    assert pol._nbr_lists.shape == (len(wl.features), 14)
-    np.testing.assert_array_equal(pol._nbr_lists, nearest_rows(pol._x, 14))
+    # Each row's 200 most similar workload rows, whatever the kNN's k.
+    assert pol._nbr_lists.shape == (len(wl.features), 200)
+    np.testing.assert_array_equal(np.sort(pol._nbr_lists, axis=1),
+                                  np.sort(nearest_rows(pol._x, 200), axis=1))
     assert make_policy(wl, llms, online=True, knn_k=7, online_neighbours=5)._nbr_lists.shape[1] == 5
     # The imputation's correlation stays over the kNN's k fit rows.
     assert pol._correlation.neighbours.shape[1] == 7
+    # A workload of fewer rows: every row is in every neighbourhood.
+    small = make_workload(150)
+    pol = make_policy(small, infos(small), online=True, knn_k=7)
+    assert pol._nbr_lists.shape == (150, 150)
+    assert (np.sort(pol._nbr_lists, axis=1) == np.arange(150)).all()
 
 
 def test_an_added_llm_learns_against_a_prior_worth_its_warm_start_rows():
