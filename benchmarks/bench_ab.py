@@ -3,8 +3,9 @@
 A machine's speed can drift by 10-25% within seconds, which hides a change worth a few
 percent when each checkout is timed on its own. Here one worker process per checkout sets
 the scenario up once; then the two take turns (A B, B A, A B, ...) and each adjacent pair
-of runs gives one ratio of CPU times, old / new. The script prints the mean of those
-ratios with its standard error, and their median: > 1 means the new checkout is faster.
+of runs gives one ratio of the run thread's CPU times, old / new. The script prints the mean
+of those ratios with its standard error, and their median: > 1 means the new checkout is
+faster.
 
 Usage: python benchmarks/bench_ab.py OLD_DIR NEW_DIR [--policy mixllm] [--params JSON]
        [--n 20000] [--pairs 40] [--rate 150]
@@ -37,9 +38,12 @@ def worker(n: int, policy: str, params: dict, rate: float) -> None:
     print("ready", flush=True)
     for _ in sys.stdin:
         sim = Simulation(sc, registry.create(policy, params), inputs, seed=sc.seed)
-        t = time.process_time()  # CPU time: less sensitive than wall time to other load
+        # The CPU time of this thread: less sensitive than wall time to other load, and,
+        # unlike the process's, blind to BLAS worker threads that a setup's last matrix
+        # product leaves spinning into the run (a run itself is single-threaded).
+        t = time.thread_time()
         sim.run()
-        print(time.process_time() - t, flush=True)
+        print(time.thread_time() - t, flush=True)
 
 
 def main() -> None:

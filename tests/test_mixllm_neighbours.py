@@ -50,6 +50,31 @@ def test_observe_counts_each_answer_in_every_neighbourhood_holding_it():
     assert post.observe(np.empty(0, int), np.empty(0, int), np.empty(0)).size == 0
 
 
+def test_weighted_answers_add_their_weights_and_copies_keep_their_own_counts():
+    import copy
+
+    rng = np.random.default_rng(2)
+    nbr = nearest_rows(rng.normal(size=(30, 4)), 6)
+    post = NeighbourPosterior(nbr, n_models=2)
+    rows = np.array([4, 4, 4, 11, 29])
+    cols = np.array([0, 1, 0, 1, 0])
+    rewards = np.array([1.0, 0.25, 0.0, 1.0, 0.6])
+    weights = np.array([1.0, 0.5, 2.0, 0.1, 1.0])
+    twin = copy.deepcopy(post)
+    post.observe(rows, cols, rewards, weights)
+    want_n, want_s = np.zeros((30, 2)), np.zeros((30, 2))
+    for i, c, r, w in zip(rows, cols, rewards, weights, strict=True):
+        for j in range(30):
+            if i in nbr[j]:
+                want_n[j, c] += w
+                want_s[j, c] += w * r
+    np.testing.assert_allclose(post.count, want_n, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(post.total, want_s, rtol=0, atol=1e-12)
+    assert not twin.count.any() and not twin.total.any()  # the copy saw none of it
+    twin.observe(rows[:1], cols[:1], rewards[:1])
+    assert twin.count.sum() == sum(4 in nbr[j] for j in range(30))
+
+
 def test_posterior_is_prior_worth_prior_n_answers_plus_observed_ones():
     nbr = np.tile(np.arange(4), (4, 1))  # every row neighbours every row
     post = NeighbourPosterior(nbr, n_models=2)

@@ -28,6 +28,7 @@ rows), in blocks of rows so memory stays O(n K).
 from __future__ import annotations
 
 import numpy as np
+import scipy.sparse as sp
 
 # Entries per block of the all-pairs similarity, whatever n is: the block (float32) and its
 # argpartition (int64) take 48 MiB at most.
@@ -156,13 +157,25 @@ class NeighbourPosterior:
 
     def __init__(self, neighbours: np.ndarray, n_models: int):
         n, k = neighbours.shape
-        # Reverse lists: observing row i informs every row j with i among j's neighbours.
-        flat = neighbours.ravel()
-        order = np.argsort(flat, kind="stable")
-        self._owners = np.repeat(np.arange(n, dtype=np.int32), k)[order]
-        self._ptr = np.searchsorted(flat[order], np.arange(n + 1))
+        # Reverse lists as a sparse (n, n) matrix: column i holds the rows j with i among
+        # j's neighbours (observing row i informs each of them). Its product with a batch's
+        # per-row increments spreads them in one compiled pass; expanding the batch along
+        # the lists with numpy took 3x as long.
+        self._spread = sp.csr_matrix(
+            (np.ones(n * k, dtype=np.float32), neighbours.ravel(),
+             np.arange(0, n * k + 1, k)), shape=(n, n),
+        ).tocsc()
         self.count = np.zeros((n, n_models))
         self.total = np.zeros((n, n_models))
+
+    def __deepcopy__(self, memo: dict) -> NeighbourPosterior:
+        # The reverse lists never change: copies of a policy (one per frontier point) share
+        # them and copy only the counts.
+        new = object.__new__(NeighbourPosterior)
+        new._spread = self._spread
+        new.count = self.count.copy()
+        new.total = self.total.copy()
+        return new
 
     def observe(self, rows: np.ndarray, cols: np.ndarray, rewards: np.ndarray,
                 weights: np.ndarray | None = None) -> np.ndarray:
@@ -170,23 +183,23 @@ class NeighbourPosterior:
         answers (default 1); returns the model columns whose estimates changed."""
         if len(rows) == 0:
             return np.empty(0, dtype=np.int64)
-        starts, ends = self._ptr[rows], self._ptr[rows + 1]
-        sizes = ends - starts
-        # Every (owner, column, reward) triple of the batch at once.
-        offsets = np.repeat(starts - np.cumsum(sizes) + sizes, sizes) + np.arange(sizes.sum())
         n, m = self.count.shape
-        cells = self._owners[offsets].astype(np.int64) * m + np.repeat(cols, sizes)
-        # bincount, not np.add.at: 4-5x faster, and exact for counts and binary rewards.
         rewards = np.asarray(rewards, dtype=np.float64)
+        # The batch as (count, reward total) increments per distinct row and column, then
+        # spread to every row whose neighbourhood holds that row.
+        uniq, inv = np.unique(rows, return_inverse=True)
+        cells = inv * m + cols
         if weights is None:
-            self.count += np.bincount(cells, minlength=n * m).reshape(n, m)
+            counts = np.bincount(cells, minlength=len(uniq) * m).astype(np.float64)
         else:
             weights = np.asarray(weights, dtype=np.float64)
-            self.count += np.bincount(
-                cells, weights=np.repeat(weights, sizes), minlength=n * m).reshape(n, m)
+            counts = np.bincount(cells, weights=weights, minlength=len(uniq) * m)
             rewards = rewards * weights
-        self.total += np.bincount(
-            cells, weights=np.repeat(rewards, sizes), minlength=n * m).reshape(n, m)
+        totals = np.bincount(cells, weights=rewards, minlength=len(uniq) * m)
+        spread = self._spread[:, uniq] @ np.hstack(
+            [counts.reshape(-1, m), totals.reshape(-1, m)])
+        self.count += spread[:, :m]
+        self.total += spread[:, m:]
         return np.unique(cols)
 
     def posterior(self, col: int, prior_q: np.ndarray, prior_n: float) -> np.ndarray:
