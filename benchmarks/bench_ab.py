@@ -59,6 +59,12 @@ def main() -> None:
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     params_json = args.params or ('{"online": true}' if args.policy == "mixllm" else "{}")
+    if not args.worker:
+        sys.path.insert(0, str(Path(__file__).parent))
+        import bench_engine
+
+        bench_engine.checked_cli(ap, args.policy, params_json,
+                                 {"--n": args.n, "--pairs": args.pairs, "--rate": args.rate})
     if args.worker:
         worker(args.n, args.policy, json.loads(params_json), args.rate)
         return

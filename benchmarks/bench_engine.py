@@ -64,6 +64,33 @@ def raw_simpy_mmc(n: int, servers: int = 8, rho: float = 0.8, seed: int = 1) -> 
     return n / (time.perf_counter() - t)
 
 
+def checked_cli(ap: argparse.ArgumentParser, policy: str, params_json: str,
+                positive: dict[str, float] | None = None) -> dict:
+    """The policy params of `--params` (JSON), validated against `policy`'s params like a
+    scenario's; any bad value (and a non-positive one among `positive`, flag -> value) is
+    a usage error (exit 2, no traceback)."""
+    from policies import registry
+    from sim.errors import RouteSimError
+
+    for flag, value in (positive or {}).items():
+        if not value > 0:
+            ap.error(f"{flag}: must be > 0, got {value!r}")
+    try:
+        params = json.loads(params_json)
+    except json.JSONDecodeError as exc:
+        ap.error(f"--params: not JSON ({exc.msg} at character {exc.pos}): {params_json!r}")
+    if not isinstance(params, dict):
+        ap.error(f"--params: a JSON object of policy params (e.g. '{{\"online\": true}}'), "
+                 f"got {params_json!r}")
+    try:
+        registry.validate_params(policy, params, field="--policy")
+    except RouteSimError as exc:
+        where = (exc.field or "").partition(".params")[2].lstrip(".")
+        ap.error(f"--params: {where + ': ' if where else ''}{exc.message}" if ".params" in (
+            exc.field or "") else str(exc))
+    return params
+
+
 RATE_PER_S = 150.0  # about 70% of the slots busy (least_loaded: 0.70, mixllm: 0.67)
 
 
@@ -144,7 +171,8 @@ def main() -> None:
                     help="routesim runs, interleaved with repeats + 1 raw SimPy runs")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    params = json.loads(args.params)
+    params = checked_cli(ap, args.policy, args.params,
+                         {"--n": args.n, "--rate": args.rate, "--repeats": args.repeats})
     if args.child:
         big_run(args.big, args.policy, params, args.rate)
         return

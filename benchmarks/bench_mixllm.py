@@ -49,7 +49,6 @@ run, which takes minutes on CPU).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -537,12 +536,17 @@ def main() -> None:
     ap.add_argument("--params", default="{}", help="JSON mixllm params for (b), e.g. "
                     "'{\"online_pg\": 1}'")
     args = ap.parse_args()
+    sys.path.insert(0, str(Path(__file__).parent))
+    import bench_engine
+
+    params = bench_engine.checked_cli(ap, "mixllm", args.params,
+                                      {"--seeds": args.seeds, "--n-queries": args.n_queries})
     logging.basicConfig(level=logging.ERROR)
     if args.workload == "synthetic":
         if args.part != "online":
             sys.exit("--workload synthetic runs the online part only: add --part online")
         wl, llms, ref = load_synthetic(args.n_queries)
-        part_online(wl, llms, ref, args.seeds, json.loads(args.params), args.offline_share,
+        part_online(wl, llms, ref, args.seeds, params, args.offline_share,
                     args.holdout_share)
         return
     path = data_path(args.data)
@@ -555,7 +559,7 @@ def main() -> None:
     if args.part in ("all", "frontier"):
         part_frontier(wl, llms, ref, baselines)
     if args.part in ("all", "online"):
-        part_online(wl, llms, ref, args.seeds, json.loads(args.params), args.offline_share,
+        part_online(wl, llms, ref, args.seeds, params, args.offline_share,
                     args.holdout_share)
     if args.part in ("all", "bandit"):
         part_bandit(wl, llms, ref, args.seeds, args.offline_share)

@@ -13,9 +13,12 @@ from pydantic import BaseModel, ConfigDict
 
 from sim.types import Answer, ClusterView, Decision, Feedback, LLMInfo, PolicyContext, Query
 
-# Every policy's Params: unknown keys are errors, params never change after validation, and
-# .inf / .nan are refused (a YAML `beta: .inf` would otherwise run, routing nonsense).
-PARAMS_CONFIG = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+# Every policy's Params: unknown keys are errors, params never change after validation,
+# .inf / .nan are refused (a YAML `beta: .inf` would otherwise run, routing nonsense), and
+# values are not coerced (strict): `k: true` or `k: 2.5` is no count, a quoted '5' no number
+# and 'yes' no switch, as in scenarios. A field that takes a YAML list as a tuple opts out
+# with `Field(strict=False)`.
+PARAMS_CONFIG = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, strict=True)
 
 
 class NoParams(BaseModel):

@@ -76,7 +76,8 @@ class CascadeParams(BaseModel):
     model_config = PARAMS_CONFIG
 
     accept_threshold: float | None = Field(default=None, ge=0, le=1)  # None: on validation
-    chain: tuple[str, ...] | None = None  # deployment names, cheapest first; None: learned
+    # Deployment names, cheapest first (a YAML list); None: learned.
+    chain: tuple[str, ...] | None = Field(default=None, strict=False)
     max_chain: int = Field(default=3, ge=2)  # a chain of one LLM is no cascade
     # None: the scenario's judge.noise (PolicyContext.judge); set it to calibrate for
     # a judge believed to be sharper or blunter than it is.

@@ -426,8 +426,8 @@ class Planner:
             cfg = list(cur.config)
             cfg[order[0]] += 1
             cur = self.evaluate(tuple(cfg), "add")
-        if not cur.feasible:
-            top = tuple(self.max_replicas for _ in self.llms)
+        top = tuple(self.max_replicas for _ in self.llms)
+        if not cur.feasible and (top in self.cache or self._budget_left()):
             ev = self.evaluate(top, "max")
             if ev.feasible:
                 cur = ev

@@ -91,11 +91,17 @@ def resolve_policies(
 
 
 def check_models(scenario: Scenario) -> None:
-    """Every LLM (initial or added later) serves a model the synthetic catalog knows.
+    """Every LLM (initial or added later) serves a model the synthetic catalog knows; a
+    real-data workload's text encoder has its weights (checked before the data is read).
 
-    Real-data workloads are checked when the file is loaded (the file lists its models).
+    Real-data workloads' LLMs are checked when the file is loaded (the file lists its
+    models).
     """
     if scenario.workload.source != "synthetic":
+        if scenario.workload.encoder.kind == "transformer":
+            from sim.embeddings import resolve_model_path
+
+            resolve_model_path(scenario.workload.encoder.model_path)
         return
     from sim.catalog import known_models
 
@@ -307,7 +313,14 @@ class _Staging:
         # Read now only to fail before the runs if it is unreadable; the rows kept are read
         # again at commit, so a scenario another process finished meanwhile is not lost.
         _other_scenarios(out / "summary.parquet", scenario_name)
-        self.dir.mkdir(parents=True)
+        try:
+            self.dir.mkdir(parents=True)
+        except OSError as exc:
+            self.abort()
+            raise RouteSimError(
+                f"cannot create {self.dir}: {exc.strerror or exc}; give --out a writable "
+                "directory", field="--out",
+            ) from None
         try:
             with _out_lock(out):
                 _remove_dead_staging(out, base)

@@ -37,6 +37,10 @@ class Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
+# A scenario name or policy label names a directory, and a run stages it under a name
+# about 90 characters longer (see sim.runner.Staging); file systems allow 255 bytes.
+MAX_NAME_CHARS = 120
+
 # strict: a quoted "100" is a string, not a number (an int is still a float).
 PosFloat = Annotated[float, Field(gt=0, strict=True)]
 NonNegFloat = Annotated[float, Field(ge=0, strict=True)]
@@ -58,7 +62,7 @@ class Distribution(Spec):
 
     kind: Literal["exponential", "deterministic", "lognormal", "uniform"] = "exponential"
     mean: PosFloat
-    cv: Annotated[float, Field(gt=0, le=MAX_CV)] = 1.0
+    cv: Annotated[float, Field(strict=True, gt=0, le=MAX_CV)] = 1.0
 
 
 class ServiceOverride(Spec):
@@ -66,7 +70,7 @@ class ServiceOverride(Spec):
 
     kind: Literal["exponential", "deterministic", "lognormal"]
     mean_s: PosFloat
-    cv: Annotated[float, Field(gt=0, le=MAX_CV)] = 1.0
+    cv: Annotated[float, Field(strict=True, gt=0, le=MAX_CV)] = 1.0
 
 
 # ----------------------------------------------------------------------------------- LLMs
@@ -122,12 +126,12 @@ class WorkloadSpec(Spec):
     sample: Literal["with_replacement", "without_replacement"] = "with_replacement"
     # synthetic workload
     n_queries: Annotated[int, Field(strict=True, ge=10, le=10**7)] = 6000
-    train_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.6
+    train_fraction: Annotated[float, Field(strict=True, gt=0, lt=1)] = 0.6
     feature_dim: Annotated[int, Field(strict=True, ge=4, le=1024)] = 32
     mix: dict[str, PosFloat] | None = None  # task family -> weight of the arriving queries
     train_mix: dict[str, PosFloat] | None = None  # family weights of the training split
     # real workload
-    validation_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.2
+    validation_fraction: Annotated[float, Field(strict=True, ge=0, lt=1)] = 0.2
     encoder: EncoderSpec = EncoderSpec()
 
     @model_validator(mode="after")
@@ -179,9 +183,9 @@ class DiurnalArrivals(Spec):
 
     kind: Literal["diurnal"]
     mean_rate_per_s: PosFloat
-    amplitude: Annotated[float, Field(ge=0, le=1)] = 0.5
+    amplitude: Annotated[float, Field(strict=True, ge=0, le=1)] = 0.5
     period_s: PosFloat = 86400.0
-    phase_s: float = 0.0
+    phase_s: Annotated[float, Field(strict=True)] = 0.0
 
 
 class MMPPState(Spec):
@@ -242,10 +246,10 @@ class TraceArrivals(Spec):
     path: str
     column: str | None = None
     time_scale: PosFloat = 1.0  # multiply timestamps (speed a trace up or down)
-    loop: bool = False  # repeat the trace to fill duration_s
+    loop: Annotated[bool, Field(strict=True)] = False  # repeat the trace to fill duration_s
     # Subtract the first timestamp, so the trace starts at t = 0 (absolute times, e.g.
     # Unix epoch seconds); by default timestamps are seconds from the run's start.
-    shift_to_zero: bool = False
+    shift_to_zero: Annotated[bool, Field(strict=True)] = False
 
 
 Arrivals = Annotated[
@@ -324,9 +328,9 @@ class FeedbackSpec(Spec):
     """Users send feedback with `probability`, after `delay_s`; `noise` flips a binary
     thumb (or is the std-dev of Gaussian noise on refined feedback)."""
 
-    probability: Annotated[float, Field(ge=0, le=1)] = 0.3
+    probability: Annotated[float, Field(strict=True, ge=0, le=1)] = 0.3
     delay_s: Distribution = Distribution(kind="exponential", mean=30.0)
-    noise: Annotated[float, Field(ge=0, le=0.5)] = 0.05
+    noise: Annotated[float, Field(strict=True, ge=0, le=0.5)] = 0.05
     mode: Literal["binary", "refined"] = "binary"
 
 
@@ -352,7 +356,7 @@ class JudgeSpec(Spec):
     scorer. An LLM-as-judge is its input price here and its fixed tokens in `cost_usd`.
     """
 
-    noise: Annotated[float, Field(ge=0, le=1)] = 0.5
+    noise: Annotated[float, Field(strict=True, ge=0, le=1)] = 0.5
     cost_usd: NonNegFloat = 0.0
     price_in_per_mtok: NonNegFloat = 0.0
 
@@ -364,7 +368,8 @@ class JudgeSpec(Spec):
 class PolicySpec(Spec):
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
-    label: str | None = None  # display name (several configs of one policy)
+    # Display name (several configs of one policy); it names the runs' directory too.
+    label: Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)] | None = None
 
     @property
     def display(self) -> str:
@@ -383,7 +388,8 @@ class RunSpec(Spec):
 class Scenario(Spec):
     """A whole scenario file."""
 
-    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")]
+    name: Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS,
+                               pattern=r"^[A-Za-z0-9_.\-]+$")]
     description: str = ""
     seed: Annotated[int, Field(strict=True, ge=0)] = 0
     duration_s: PosFloat

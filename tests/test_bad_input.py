@@ -83,8 +83,27 @@ CASES = {
         "unknown task family (did you mean 'code'?)"),
     "reserved_name": (mutate(lambda d: d.update(name="summary.parquet")), "name",
                       "a file routesim writes"),
+    "name_too_long": (mutate(lambda d: d.update(name="a" * 121)), "name",
+                      "at most 120 characters"),
+    "label_too_long": (mutate(lambda d: d.update(policies=[{"name": "random",
+                                                             "label": "r" * 121}])),
+                       "policies.0.label", "at most 120 characters"),
     "quoted_number": (mutate(lambda d: d.update(duration_s="100")), "duration_s",
                       "valid number"),
+    "switch_as_number": (mutate(lambda d: d.update(judge={"noise": True})), "judge.noise",
+                         "valid number"),
+    "quoted_probability": (mutate(lambda d: d.update(feedback={"probability": "0.5"})),
+                           "feedback.probability", "valid number"),
+    "quoted_fraction": (mutate(lambda d: d["workload"].update(train_fraction="0.5")),
+                        "workload.train_fraction", "valid number"),
+    "quoted_amplitude": (
+        mutate(lambda d: d.update(arrivals={"kind": "diurnal", "mean_rate_per_s": 1.0,
+                                            "amplitude": "0.5"})),
+        "arrivals.amplitude", "valid number"),
+    "quoted_cv": (
+        mutate(lambda d: d.update(users={"patience_s": {"kind": "lognormal", "mean": 30,
+                                                        "cv": "2"}})),
+        "users.patience_s.cv", "valid number"),
     "slots_beyond_int64": (mutate(lambda d: d["llms"][0].update(slots=2**63)), "llms.0.slots",
                            "less than or equal to 1000000000"),
     "huge_patience_cv": (
@@ -244,6 +263,29 @@ def test_cli_bad_policy_params(tmp_path):
     assert "policies.0.params.output_shar" in res.output and "output_share" in res.output
 
 
+@pytest.mark.parametrize(
+    "name, params, field",
+    [("knn", {"k": True}, "k"), ("knn", {"k": "5"}, "k"), ("knn", {"k": 2.0}, "k"),
+     ("knn", {"same_task": "no"}, "same_task"), ("cheapest", {"output_share": "0.5"},
+                                                  "output_share"),
+     ("mixllm", {"online": "yes"}, "online"), ("mixllm", {"online": 1}, "online"),
+     ("cascade", {"chain": [1, 2]}, "chain.0")],
+)
+def test_policy_params_are_not_coerced(tmp_path, name, params, field):
+    p = write(tmp_path, mutate(lambda d: d.update(policies=[{"name": name, "params": params}])))
+    res = runner.invoke(app, ["validate", str(p)])
+    assert res.exit_code == 2, res.output
+    assert f"policies.0.params.{field}" in res.output and "Traceback" not in res.output
+
+
+def test_policy_params_take_ints_as_floats_and_lists_as_chains(tmp_path):
+    p = write(tmp_path, mutate(lambda d: d.update(policies=[
+        {"name": "mixllm", "params": {"lambda_": 8, "online": True}},
+        {"name": "cascade", "params": {"chain": ["mistral-7b", "gpt-4"]}}])))
+    res = runner.invoke(app, ["validate", str(p)])
+    assert res.exit_code == 0, res.output
+
+
 def test_cli_validate_ok_and_empty_file(tmp_path):
     res = runner.invoke(app, ["validate", str(write(tmp_path, GOOD))])
     assert res.exit_code == 0 and "ok" in res.output
@@ -381,6 +423,25 @@ def test_validate_reads_the_data_files_family_names(tmp_path):
     assert "events.0.mix_change.mix.cods" in res.output and "did you mean 'code'" in res.output
 
 
+def test_validate_checks_the_text_encoders_weights_before_the_data(tmp_path):
+    (tmp_path / "garbage.csv").write_text("a,b\n1,2\n")  # never read: the encoder fails first
+    sc = tmp_path / "rb.yaml"
+    sc.write_text(yaml.safe_dump({
+        "name": "rb", "duration_s": 10, "arrivals": {"kind": "poisson", "rate_per_s": 1},
+        "workload": {"source": "routerbench", "path": "garbage.csv",
+                     "reference_llm": "gpt-4-1106-preview",
+                     "encoder": {"model_path": str(tmp_path / "no_model")}},
+        "llms": [{"name": "gpt-4-1106-preview", "price_in_per_mtok": 10,
+                  "price_out_per_mtok": 30}],
+    }))
+    for command in ("validate", "run"):
+        res = runner.invoke(app, [command, str(sc), "--out", str(tmp_path / "o")]
+                            if command == "run" else [command, str(sc)])
+        assert res.exit_code == 2, res.output
+        assert "workload.encoder.model_path" in res.output and "no config.json" in res.output
+        assert "Traceback" not in res.output and not (tmp_path / "o").exists()
+
+
 def test_validate_reads_the_data_files_columns(tmp_path):
     (tmp_path / "garbage.csv").write_text("a,b\n1,2\n")
     res = runner.invoke(app, ["validate", "routerbench_steady", "--data",
@@ -420,6 +481,24 @@ def test_an_unwritable_out_is_bad_input(tmp_path, monkeypatch):
     res = runner.invoke(app, ["run", "--policy", "random", "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "not writable" in res.output and "--out" in res.output
     assert "Traceback" not in res.output and not (tmp_path / "o").exists()
+
+
+def test_an_out_the_system_refuses_to_create_is_bad_input(tmp_path, monkeypatch):
+    # E.g. --out under /proc, or a name too long for the file system: os.access says yes,
+    # mkdir says no.
+    real = Path.mkdir
+
+    def refuse(self, *a, **k):
+        if ".partial-" in self.name:
+            raise OSError(36, "File name too long")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    out = tmp_path / "new" / "o"
+    res = runner.invoke(app, ["run", "--policy", "random", "--out", str(out)])
+    assert res.exit_code == 2, res.output
+    assert "--out" in res.output and "File name too long" in res.output
+    assert "Traceback" not in res.output and not (tmp_path / "new").exists()
 
 
 def test_a_failed_write_is_a_routesim_error(tmp_path, monkeypatch):

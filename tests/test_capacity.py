@@ -211,6 +211,17 @@ def test_unknown_policy_and_bad_slo_are_bad_input(tmp_path):
         Planner(_scenario(), "random", -1.0)
 
 
+@pytest.mark.parametrize("budget", [1, 2, 3])
+def test_the_plan_never_simulates_more_configurations_than_its_budget(budget):
+    # A quality floor no configuration meets (5x the reference LLM's): the climb spends the
+    # whole budget, and the last-resort check of every LLM at --max-replicas must not add
+    # one more.
+    plan = Planner(_scenario(), "random", 2.0, max_replicas=3, seeds=1, quality_floor=500.0,
+                   max_evaluations=budget).plan()
+    assert not plan.feasible
+    assert len(plan.tried) == budget
+
+
 def test_plans_for_routers_that_see_ground_truth_are_labelled_upper_bounds(tmp_path):
     """The oracle and a fan-out kept by realised quality route traffic no deployable router
     would: their plans say so in the message, plan.json and plan.html; a plain router's
