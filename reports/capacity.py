@@ -51,9 +51,9 @@ from sim.compare import t_interval
 from sim.engine import Inputs, Simulation, prepare_inputs
 from sim.errors import RouteSimError
 from sim.metrics import admitted_waits, summarize
-from sim.record import write_json
-from sim.runner import build_workload, resolve_policies
-from sim.scenario import LLMSpec, PolicySpec, Scenario
+from sim.record import write_json, write_text
+from sim.runner import build_workload, resolve_policies, scenario_policy_entry
+from sim.scenario import LLMSpec, PolicySpec, Scenario, dump_scenario
 
 QUANTILE = 0.95
 WINDOW_S = 60.0  # arrival-rate windows of the analytic estimate
@@ -244,11 +244,7 @@ def self_hosted(scenario: Scenario) -> list[LLMSpec]:
 def policy_spec(scenario: Scenario, name: str) -> PolicySpec:
     """The scenario's entry for `name` (label or policy name, with its params) or a bare
     spec; validated against the registry."""
-    specs = scenario.policy_specs
-    index = next((i for i, s in enumerate(specs) if s.display == name), None)
-    if index is None:
-        index = next((i for i, s in enumerate(specs) if s.name == name), None)
-    spec = specs[index] if index is not None else PolicySpec(name=name)
+    index, spec = scenario_policy_entry(scenario, name)
     try:
         return resolve_policies(scenario, [spec])[0]
     except RouteSimError as exc:
@@ -599,10 +595,16 @@ def llm_stats(
 
 
 def write_plan(plan: Plan, out_dir: Path) -> tuple[Path, Path]:
-    """plan.json and plan.html under out_dir."""
+    """plan.json and plan.html under out_dir, beside the resolved config: scenario.yaml (the
+    scenario as planned: its SLO and the router) and chosen.yaml (the same with the chosen
+    replica counts, which `routesim run` simulates again)."""
     from reports.plan_html import plan_page
 
+    p = plan.planner
     out_dir = Path(out_dir)
+    planned = p.scenario.model_copy(update={"policies": [p.policy]})
+    write_text(dump_scenario(planned), out_dir / "scenario.yaml")
+    write_text(dump_scenario(with_replicas(planned, plan.replicas())), out_dir / "chosen.yaml")
     js = out_dir / "plan.json"
     write_json(plan.as_json(), js)
     page = plan_page(plan)

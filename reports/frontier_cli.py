@@ -93,6 +93,7 @@ def register(app: typer.Typer) -> None:
         from sim.context import llm_info
         from sim.record import check_out_dir, write_parquet, write_text
         from sim.runner import build_workload
+        from sim.scenario import dump_scenario
 
         try:
             check_out_dir(out, field="--out")
@@ -116,6 +117,9 @@ def register(app: typer.Typer) -> None:
             fail(exc)
         console.print(aiq_rich_table(res.summary, escape(f"{sc.name}: AIQ on the test split "
                                                          f"(reference {ref.name})")))
+        # The resolved config (data file, seed and the routers swept) beside the outputs.
+        swept = sc.model_copy(update={"seed": s, "policies": list(names)})
+        write_text(dump_scenario(swept), out / "scenario.yaml")
         write_parquet(res.points, out / "frontier_points.parquet")
         write_parquet(res.summary, out / "frontier_aiq.parquet")
         from reports.page import Page
@@ -125,4 +129,5 @@ def register(app: typer.Typer) -> None:
         page.figure(frontier_figure(res.points, "quality vs cost, % of the reference LLM"))
         page.table(list(res.summary.columns), [list(r) for r in res.summary.iter_rows()])
         write_text(page.render(), out / "frontier.html")
-        say(f"outputs: {out}/frontier_points.parquet, frontier_aiq.parquet, frontier.html")
+        say(f"outputs: {out}/frontier_points.parquet, frontier_aiq.parquet, frontier.html, "
+            "scenario.yaml")

@@ -105,7 +105,8 @@ def run(
     scenario: Annotated[str | None, typer.Argument(
         help="scenario YAML or built-in name (default: the built-in load spike)")] = None,
     policy: Annotated[list[str] | None, typer.Option(
-        "--policy", "-p", help="policy name (repeat); default: the scenario's list")] = None,
+        "--policy", "-p", help="policy name or a label of the scenario's list (its params "
+        "come along); repeat for several; default: the scenario's list")] = None,
     seeds: Annotated[int, typer.Option(min=1, help="replications (seed, seed+1, ...)")] = 1,
     # str, not Path: typer would turn --out "" into Path("."), the working directory.
     out: Annotated[str, typer.Option(help="output directory")] = "runs",

@@ -49,13 +49,27 @@ def _registry():
     return registry
 
 
+def scenario_policy_entry(scenario: Scenario, name: str) -> tuple[int | None, PolicySpec]:
+    """The scenario's policy entry that `name` picks (a label first, else the first entry of
+    that policy, with its params) and its index, or a bare spec of policy `name` and None."""
+    specs = scenario.policy_specs
+    for matches in (lambda s: s.display == name, lambda s: s.name == name):
+        index = next((i for i, s in enumerate(specs) if matches(s)), None)
+        if index is not None:
+            return index, specs[index]
+    return None, PolicySpec(name=name)
+
+
 def resolve_policies(
     scenario: Scenario, names: Sequence[str | PolicySpec] | None = None
 ) -> list[PolicySpec]:
-    """Policy specs from `names` (CLI) or the scenario, validated against the registry."""
+    """Policy specs from `names` (CLI: a name or label of the scenario's list picks that
+    entry, params and all; another policy name runs with default params) or the scenario,
+    validated against the registry."""
     reg = _registry()
     if names:
-        specs = [n if isinstance(n, PolicySpec) else PolicySpec(name=n) for n in names]
+        specs = [n if isinstance(n, PolicySpec) else scenario_policy_entry(scenario, n)[1]
+                 for n in names]
         where = "--policy"
     else:
         specs = scenario.policy_specs
@@ -71,6 +85,8 @@ def resolve_policies(
             has_training_rows=scenario.workload.split != "all")
         if spec.display in seen:
             raise PolicyError(
+                f"policy {spec.display!r} is given twice; each runs once"
+                if where == "--policy" else
                 f"policy label {spec.display!r} appears twice; give one of them a `label`",
                 field=f,
             )

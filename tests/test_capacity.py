@@ -14,7 +14,7 @@ from reports.capacity import Planner, planning_p95_wait, with_replicas, write_pl
 from reports.erlang import erlang_b, erlang_c, late_share, replicas_for, wait_exceeds
 from sim.cli import app
 from sim.errors import RouteSimError
-from sim.scenario import Scenario, parse_scenario
+from sim.scenario import Scenario, load_scenario, parse_scenario
 
 runner = CliRunner()
 
@@ -115,6 +115,12 @@ def test_plan_meets_the_slo_at_the_stated_cost(plan, tmp_path):
         assert key in data
     assert data["replicas"] == reps and data["meets_slo"] is True
     assert 'name="routesim-figures"' in html.read_text(encoding="utf-8")
+    # The resolved config beside it: as planned, and with the chosen replicas (runnable).
+    planned = load_scenario(tmp_path / "scenario.yaml")
+    chosen = load_scenario(tmp_path / "chosen.yaml")
+    assert planned.slo.p95_wait_s == 2.0 and [p.name for p in planned.policies] == ["random"]
+    assert {x.name: x.replicas for x in chosen.llms if x.name in reps} == reps
+    assert chosen.model_copy(update={"llms": planned.llms}) == planned
 
 
 def test_plan_is_minimal(plan):

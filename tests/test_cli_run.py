@@ -402,3 +402,28 @@ def test_report_on_a_corrupt_summary_is_bad_input(tmp_path, seed):
     (d / "summary.json").write_bytes(b"\xff\xfe{")
     res = runner.invoke(app, ["report", str(tmp_path)])
     assert res.exit_code == 2 and "unreadable summary" in res.output, res.output
+
+
+def test_a_policy_picked_by_name_or_label_keeps_the_scenarios_params(tmp_path):
+    import yaml
+
+    from sim.scenario import load_scenario
+
+    sc = scenario(duration_s=60)
+    data = sc.model_dump(mode="json")
+    data["policies"] = [{"name": "cheapest", "params": {"output_share": 0.75}},
+                        {"name": "random", "label": "random again"}, "round_robin"]
+    path = tmp_path / "sc.yaml"
+    path.write_text(yaml.safe_dump(data))
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["run", str(path), "-p", "cheapest", "-p", "random again",
+                              "-p", "least_loaded", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    ran = load_scenario(out / sc.name / "scenario.yaml").policy_specs
+    assert [(s.name, s.display, s.params) for s in ran] == [
+        ("cheapest", "cheapest", {"output_share": 0.75}),
+        ("random", "random again", {}), ("least_loaded", "least_loaded", {})]
+    twice = runner.invoke(app, ["run", str(path), "-p", "random", "-p", "random",
+                                "--out", str(tmp_path / "o2")])
+    # Both pick the scenario's entry of that policy.
+    assert twice.exit_code == 2 and "'random again' is given twice" in twice.output

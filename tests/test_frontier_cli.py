@@ -8,6 +8,7 @@ import yaml
 from typer.testing import CliRunner
 
 from sim.cli import app
+from sim.scenario import load_scenario
 
 
 def test_frontier_command(tmp_path):
@@ -34,6 +35,8 @@ def test_frontier_command(tmp_path):
     oracle = aiq.filter(pl.col("policy") == "oracle_frontier").row(0, named=True)
     assert knn["aiq"] <= oracle["aiq"]
     assert (out / "frontier.html").read_text().count("Plotly.newPlot") >= 1
+    resolved = load_scenario(out / "scenario.yaml")  # what was swept, with its seed
+    assert resolved.seed == 3 and resolved.policies == ["knn"]
     bad = CliRunner().invoke(app, ["frontier", str(p), "-p", "nope", "--out", str(out)])
     assert bad.exit_code == 2 and "unknown policy 'nope'" in bad.output
 
