@@ -89,7 +89,7 @@ def register(app: typer.Typer) -> None:
         """Sweep each router's trade-off knob on the test split (uncongested): frontier + AIQ."""
         from policies import registry
         from reports.frontier import frontier_table
-        from sim.cli import console, fail, load_for_cli, say
+        from sim.cli import _source_of, console, fail, load_for_cli, say
         from sim.context import llm_info
         from sim.record import check_out_dir, write_parquet, write_text
         from sim.runner import build_workload
@@ -114,7 +114,7 @@ def register(app: typer.Typer) -> None:
             with console.status(escape(f"sweeping {', '.join(names)}")):
                 res = frontier_table(wl, llms, ref, names, seed=s, judge=sc.judge)
         except RouteSimError as exc:
-            fail(exc)
+            fail(exc.with_source(_source_of(scenario)))
         console.print(aiq_rich_table(res.summary, escape(f"{sc.name}: AIQ on the test split "
                                                          f"(reference {ref.name})")))
         # The resolved config (data file, seed and the routers swept) beside the outputs.

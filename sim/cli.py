@@ -82,7 +82,9 @@ def load_for_cli(scenario: str | None, data: str | None = None) -> Scenario:
                 field="--data",
             )
         if not Path(data).is_file():
-            raise RouteSimError("no such file", source=data, field="--data")
+            raise RouteSimError(
+                "is a directory; give the data file itself (CSV or parquet)"
+                if Path(data).is_dir() else "no such file", source=data, field="--data")
         wl = sc.workload.model_copy(update={"path": str(Path(data).resolve())})
         sc = sc.model_copy(update={"workload": wl})
     check_input_files(sc)

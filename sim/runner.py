@@ -107,31 +107,38 @@ def resolve_policies(
 
 
 def check_models(scenario: Scenario) -> None:
-    """Every LLM (initial or added later) serves a model the synthetic catalog knows; a
-    real-data workload's text encoder has its weights (checked before the data is read).
+    """Every LLM (initial or added later) serves a model the workload has: the synthetic
+    catalog's, or a data file's (read from its header); a real-data workload's text encoder
+    has its weights. Checked before any data is read, naming the scenario's field."""
+    places = [(f"llms.{i}", x) for i, x in enumerate(scenario.llms)]
+    places += [(f"events.{i}.add_llm", e.add_llm) for i, e in enumerate(scenario.events)
+               if e.add_llm is not None]
+    if scenario.workload.source == "synthetic":
+        from sim.catalog import known_models
 
-    Real-data workloads' LLMs are checked when the file is loaded (the file lists its
-    models).
-    """
-    if scenario.workload.source != "synthetic":
+        known, where = sorted(known_models()), "the synthetic workload"
+    else:
         if scenario.workload.encoder.kind == "transformer":
             from sim.embeddings import resolve_model_path
 
             resolve_model_path(scenario.workload.encoder.model_path)
-        return
-    from sim.catalog import known_models
+        if not scenario.workload.path:
+            return
+        from sim.routerbench import check_columns, models_in_table, read_table
 
-    known = set(known_models())
-    places = [(f"llms.{i}", x) for i, x in enumerate(scenario.llms)]
-    places += [(f"events.{i}.add_llm", e.add_llm) for i, e in enumerate(scenario.events)
-               if e.add_llm is not None]
-    for where, spec in places:
+        path = Path(scenario.workload.path)
+        columns = read_table(path, header_only=True).columns
+        known = list(models_in_table(columns))
+        if not known or not {"prompt", "eval_name"} <= set(columns):
+            # The table's own faults first, as a run meets them (this raises).
+            check_columns(columns, [x.model_name for _, x in places], str(path))
+        where = f"the data file {path}"
+    for at, spec in places:
         if spec.model_name not in known:
-            field = f"{where}.model" if spec.model else f"{where}.name"
             raise RouteSimError(
-                f"{spec.model_name!r} is not a model of the synthetic workload; set `model` "
-                f"to one of: {', '.join(sorted(known))}",
-                field=field,
+                f"{spec.model_name!r} is not a model of {where}; set `model` to one of: "
+                f"{', '.join(known)}",
+                field=f"{at}.model" if spec.model else f"{at}.name",
             )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.resources
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -428,9 +429,8 @@ class Scenario(Spec):
     @model_validator(mode="after")
     def _cross_checks(self) -> Scenario:
         if self.warmup_s >= self.duration_s:
-            raise ValueError(
-                f"warmup_s={self.warmup_s} must be less than duration_s={self.duration_s}"
-            )
+            raise _FieldError("warmup_s", self.warmup_s,
+                              f"must be less than duration_s={self.duration_s:g}")
         self._check_families()
         self._check_sizes()
         for idx, e in enumerate(self.events):
@@ -667,6 +667,17 @@ def _clean_loc(loc: tuple) -> tuple:
     return tuple(p for p in loc if not (isinstance(p, str) and (p in _TAGS or "[" in p)))
 
 
+def unknown_key_message(key: str, allowed: Sequence[str]) -> str:
+    """"unknown key", the closest allowed key as a hint, and the allowed keys."""
+    msg = f"unknown key {key!r}"
+    hint = difflib.get_close_matches(key, allowed, n=1)
+    if hint:
+        msg += f" (did you mean {hint[0]!r}?)"
+    if allowed:
+        msg += f"; allowed keys: {', '.join(allowed)}"
+    return msg
+
+
 def _format_validation_error(exc: ValidationError, source: str) -> ScenarioError:
     """One ScenarioError listing every problem, the most specific first."""
     errors = sorted(exc.errors(), key=lambda e: -len(_clean_loc(e["loc"])))
@@ -693,15 +704,8 @@ def _format_one(err: Any) -> tuple[str, str]:
     kind = err["type"]
     value = err.get("input")
     if kind == "extra_forbidden":
-        allowed = _allowed_keys(Scenario, err["loc"])
         key = str(loc[-1]) if loc else ""
-        hint = difflib.get_close_matches(key, allowed, n=1)
-        msg = f"unknown key {key!r}"
-        if hint:
-            msg += f" (did you mean {hint[0]!r}?)"
-        if allowed:
-            msg += f"; allowed keys: {', '.join(allowed)}"
-        return field, msg
+        return field, unknown_key_message(key, _allowed_keys(Scenario, err["loc"]))
     if kind == "missing":
         return field, "required field is missing"
     if kind == "union_tag_invalid":
@@ -711,8 +715,12 @@ def _format_one(err: Any) -> tuple[str, str]:
     msg = err["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
-    shown = value if not isinstance(value, dict | list) else type(value).__name__
-    return field, f"{msg} (got {shown!r})"
+    if isinstance(value, dict | list):
+        # A whole mapping or list: its type is what is wrong, or the message says what is.
+        if kind.endswith("_type"):
+            return field, f"{msg} (got a {'mapping' if isinstance(value, dict) else 'list'})"
+        return field, msg
+    return field, f"{msg} (got {value!r})"
 
 
 def parse_scenario(data: Any, *, source: str = "<scenario>") -> Scenario:
@@ -810,7 +818,8 @@ def check_input_files(scenario: Scenario) -> None:
     for field, path in places:
         if not Path(path).is_file():
             hint = " (or give the data file with --data)" if field == "workload.path" else ""
-            raise ScenarioError(f"no such file: {path}{hint}", field=field)
+            what = "a directory, not a file" if Path(path).is_dir() else "no such file"
+            raise ScenarioError(f"{what}: {path}{hint}", field=field)
 
 
 def builtin_scenarios() -> list[str]:

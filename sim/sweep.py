@@ -63,7 +63,14 @@ from pydantic import (
 
 from sim.errors import RouteSimError, ScenarioError
 from sim.record import check_out_dir, write_json, write_parquet, write_text
-from sim.scenario import PolicySpec, Scenario, dump_scenario, load_scenario, parse_scenario
+from sim.scenario import (
+    PolicySpec,
+    Scenario,
+    dump_scenario,
+    load_scenario,
+    parse_scenario,
+    unknown_key_message,
+)
 from sim.yamlfile import read_yaml_file
 
 CELLS_DIR = "cells"
@@ -169,11 +176,8 @@ def parse_grid(data: Any, *, source: str = "<grid>") -> Grid:
         fld = ".".join(str(p) for p in loc) or "(top level)"
         if err["type"] == "extra_forbidden":
             allowed = _grid_keys_at(loc)
-            raise GridError(
-                f"unknown key {str(loc[-1])!r}; allowed keys: {', '.join(allowed)}",
-                source=source,
-                field=fld,
-            ) from None
+            raise GridError(unknown_key_message(str(loc[-1]), allowed), source=source,
+                            field=fld) from None
         if err["type"] == "missing":
             raise GridError("required field is missing", source=source, field=fld) from None
         msg = err["msg"].removeprefix("Value error, ")

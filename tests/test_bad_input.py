@@ -88,6 +88,8 @@ CASES = {
     "label_too_long": (mutate(lambda d: d.update(policies=[{"name": "random",
                                                              "label": "r" * 121}])),
                        "policies.0.label", "at most 120 characters"),
+    "a_mapping_for_a_number": (mutate(lambda d: d.update(duration_s={"s": 1})), "duration_s",
+                               "valid number (got a mapping)"),
     "quoted_number": (mutate(lambda d: d.update(duration_s="100")), "duration_s",
                       "valid number"),
     "switch_as_number": (mutate(lambda d: d.update(judge={"noise": True})), "judge.noise",
@@ -166,6 +168,7 @@ def test_bad_scenario_error_names_file_and_field(tmp_path, case):
         load_scenario(p)
     msg = str(exc.value)
     assert str(p) in msg and field in msg and rule in msg, msg
+    assert "(top level)" not in msg and "(got 'dict')" not in msg, msg
 
 
 @pytest.mark.parametrize(
@@ -585,3 +588,16 @@ def test_a_mix_change_at_zero_shadows_workload_mix_in_validation(tmp_path):
     data["events"] = [{"at_s": 0, "mix_change": {"mix": {"knowledge_qa": 1}}}]
     res = runner.invoke(app, ["validate", str(write(tmp_path, data))])
     assert res.exit_code == 0, res.output
+
+
+def test_a_directory_as_data_and_a_frontier_missing_its_data_are_named(tmp_path):
+    res = runner.invoke(app, ["run", "routerbench_steady", "--data", str(tmp_path),
+                              "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "--data: is a directory" in res.output, res.output
+    sc = write(tmp_path, mutate(lambda d: d.update(workload={
+        "source": "routerbench", "path": str(tmp_path / "absent.csv"),
+        "reference_llm": "gpt-4", "encoder": {"kind": "hashing"}})))
+    res = runner.invoke(app, ["frontier", str(sc), "--out", str(tmp_path / "f")])
+    assert res.exit_code == 2, res.output
+    assert f"{sc}: workload.path: no such file" in " ".join(res.output.split())
+    assert not (tmp_path / "o").exists() and not (tmp_path / "f").exists()

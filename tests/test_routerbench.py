@@ -341,3 +341,29 @@ def test_routerbench_steady_scenario(tmp_path):
         w = load_routerbench_workload(spec, [x.model_name for x in sc.llms], sc.seed,
                                       progress=False)
         assert w.models == tuple(x.model_name for x in sc.llms)
+
+
+def test_an_llm_without_data_is_the_scenarios_field_before_any_data_is_read(tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from sim.cli import app
+
+    path = write(tmp_path, make_rows())
+    sc = tmp_path / "sc.yaml"
+    sc.write_text(yaml.safe_dump({
+        "name": "rb", "duration_s": 10, "arrivals": {"kind": "poisson", "rate_per_s": 1},
+        "workload": {"source": "routerbench", "path": str(path), "reference_llm": "big",
+                     "encoder": {"kind": "hashing"}},
+        "llms": [{"name": "big", "model": "big-model", "price_in_per_mtok": 10,
+                  "price_out_per_mtok": 30},
+                 {"name": "new", "model": "gpt-9", "price_in_per_mtok": 1,
+                  "price_out_per_mtok": 1}],
+    }))
+    for command in ("validate", "run"):
+        res = CliRunner().invoke(app, [command, str(sc)] + (
+            ["--out", str(tmp_path / "o")] if command == "run" else []))
+        assert res.exit_code == 2, res.output
+        msg = " ".join(res.output.split())
+        assert f"{sc}: llms.1.model: 'gpt-9' is not a model of the data file" in msg, msg
+        assert "big-model, small/model-7b, mid-model" in msg

@@ -105,6 +105,7 @@ def test_invalid_axis_value_names_the_cell_and_the_field():
     ("extra", "expected"),
     [
         ({"axis": {}}, ["axis", "allowed keys", "axes", "overrides"]),
+        ({"seedz": [1]}, ["seedz", "did you mean 'seeds'?"]),
         ({"policies": [{"name": "threshold", "axis": {}}]}, ["policies.0.axis", "params"]),
         ({"policies": ["nope"]}, ["policies.0", "unknown policy 'nope'", "least_loaded"]),
         ({"policies": [{"name": "cheapest", "axes": {"share": [1]}}]},
