@@ -113,7 +113,7 @@ class OptLLMRouter(LearnedRouter):
             view.price_out_per_mtok,
         )
         j = _choose(r, c, available(view), self.tradeoff_value)
-        return Decision(llm=view.names[j], terms={"success": r, "cost": c})
+        return Decision(llm=view.names[j], terms={"success_pred": r, "cost_pred_usd": c})
 
     def on_llm_added(self, llm: LLMInfo) -> None:
         super().on_llm_added(llm)

@@ -81,7 +81,8 @@ class _PredictiveRouter(LearnedRouter):
         )
         score = q - self._cost_weight * c
         j = _argmax_available(score, available(view))
-        return Decision(llm=view.names[j], scores=score, terms={"quality": q, "cost": c})
+        return Decision(llm=view.names[j], scores=score,
+                        terms={"quality_pred": q, "cost_pred_usd": c})
 
     def on_llm_added(self, llm: LLMInfo) -> None:
         super().on_llm_added(llm)

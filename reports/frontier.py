@@ -391,20 +391,20 @@ def aiq_table(points: pl.DataFrame) -> pl.DataFrame:
             {
                 "policy": name,
                 "kind": kind,
-                "aiq": aiq(cost, qual, c_min, c_max),
+                "aiq_pct": aiq(cost, qual, c_min, c_max),
                 "n_points": len(sub),
                 "default_knob": default["knob_value"][0]
                 if len(default) and kind in ("router", "upper_bound")
                 else None,
                 "default_quality_pct": float(default["quality_pct"][0]) if len(default) else None,
                 "default_cost_pct": float(default["cost_pct"][0]) if len(default) else None,
-                "quality_at_random_cost": at_rand,
+                "quality_at_random_cost_pct": at_rand,
                 "beats_random": bool(at_rand > rand["quality_pct"])
                 if np.isfinite(at_rand)
                 else None,
             }
         )
-    return pl.DataFrame(rows).sort("aiq", descending=True)
+    return pl.DataFrame(rows).sort("aiq_pct", descending=True)
 
 
 def frontier_table(

@@ -66,8 +66,8 @@ def aiq_rich_table(summary: pl.DataFrame, title: str) -> Table:
         t.add_row(
             escape(r["policy"]
                    + (" (upper bound)" if r["kind"] in ("oracle", "upper_bound") else "")),
-            f(r["aiq"]), f(r["default_quality_pct"]), f(r["default_cost_pct"]),
-            f(r["quality_at_random_cost"]), "-" if br is None else ("yes" if br else "no"),
+            f(r["aiq_pct"]), f(r["default_quality_pct"]), f(r["default_cost_pct"]),
+            f(r["quality_at_random_cost_pct"]), "-" if br is None else ("yes" if br else "no"),
         )
     return t
 

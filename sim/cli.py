@@ -6,6 +6,7 @@ and exits with code 2, without a traceback and without creating an output direct
 
 from __future__ import annotations
 
+import re
 import signal
 import sys
 import threading
@@ -191,8 +192,7 @@ def validate(
     data: Annotated[str | None, typer.Option(
         help="workload data file (overrides workload.path)")] = None,
 ) -> None:
-    """Check a scenario file (its fields, policies, and the files it reads) without running
-    it."""
+    """Check a scenario file (fields, policies, the files it reads) without running it."""
     from sim.runner import check_models, resolve_policies
 
     try:
@@ -234,7 +234,8 @@ def list_things() -> None:
     for name in registry.names():
         cls = registry.get(name)
         params = ", ".join(cls.Params.model_fields) or "-"
-        note = cls.label or (cls.__doc__ or "").strip().splitlines()[0]
+        # The docstring's first paragraph: its first line alone can stop mid-sentence.
+        note = cls.label or " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
         t.add_row(escape(name), params, escape(note))
     console.print(t)
     s = Table(title="built-in scenarios")
@@ -247,7 +248,12 @@ def list_things() -> None:
         first = ""
         if path is not None:
             lines = [ln[1:].strip() for ln in path.read_text().splitlines() if ln.startswith("#")]
-            first = " ".join(lines)[:110]
+            text = " ".join(lines)
+            # The first sentence ("et al." and "e.g." do not end one).
+            first = re.split(r"(?<!\bal)(?<!\be\.g)\.\s+(?=[A-Z])", text, maxsplit=1)[0]
+            first = first.rstrip(".") + "."
+            if len(first) > 140:  # cut at a word, and say so
+                first = first[:140].rsplit(" ", 1)[0] + " ..."
         s.add_row(name, escape(first))
     console.print(s)
 

@@ -308,7 +308,7 @@ class Simulation:
             raise RouteSimError("arrival times must be sorted (as prepare_inputs makes them)",
                                 field="inputs.arrival_s")
         self.n = n
-        self.rec = RequestRecorder(n, self.names)
+        self.rec = RequestRecorder(n, self.names, self.wl.task_names)
         self.timeline = GrowingColumns(
             ["t_s", "llm", "queue_len", "busy", "capacity", "up_replicas", "completed",
              "load_rejected"]

@@ -32,7 +32,7 @@ REJECT_REASONS = ("down", "rate_limited", "queue_full", "removed")
 REQUEST_COLUMNS: dict[str, tuple[str, float | int]] = {
     "arrival_s": ("f8", np.nan),
     "row": ("i4", -1),  # workload row (the query)
-    "task": ("i2", -1),
+    "task": ("i2", -1),  # the query's task family (written as its name)
     "input_tokens": ("i4", 0),
     # Index into the run's LLM names: the deployment whose answer was kept; for a request
     # not completed, where its last call ended (a fan-out: its primary copy's, or the
@@ -67,9 +67,10 @@ REQUEST_COLUMNS: dict[str, tuple[str, float | int]] = {
 class RequestRecorder:
     """Preallocated per-request columns plus per-candidate decision matrices."""
 
-    def __init__(self, n: int, llm_names: Sequence[str]):
+    def __init__(self, n: int, llm_names: Sequence[str], task_names: Sequence[str] = ()):
         self.n = n
         self.llm_names = list(llm_names)
+        self.task_names = list(task_names)
         self.cols: dict[str, np.ndarray] = {
             name: np.full(n, fill, dtype=dtype) for name, (dtype, fill) in REQUEST_COLUMNS.items()
         }
@@ -95,6 +96,8 @@ class RequestRecorder:
             pl.Series("llm", _labels(self.cols["llm"], self.llm_names)),
             pl.Series("outcome", _labels(self.cols["outcome"], OUTCOMES)),
             pl.Series("reject_reason", _labels(self.cols["reject_reason"], REJECT_REASONS)),
+            pl.Series("task", _labels(self.cols["task"], self.task_names))
+            if self.task_names else pl.col("task"),
         ).with_columns(
             pl.when(pl.col("feedback") >= 0).then(pl.col("feedback")).otherwise(None)
             .alias("feedback")

@@ -40,6 +40,7 @@ from sim.scenario import WorkloadSpec
 from sim.types import SPLIT_NAMES, SPLIT_TEST, SPLIT_TRAIN, SPLIT_VALID, Workload
 
 log = logging.getLogger(__name__)
+_NOTED: set[str] = set()  # data warnings already given by this process
 
 CHARS_PER_TOKEN = 4.0
 
@@ -107,14 +108,13 @@ def load_routerbench_workload(
     keep = ~missing.any(axis=1)
     if not keep.all():
         per_model = {m: int(k) for m, k in zip(models, missing.sum(axis=0), strict=True) if k}
-        log.warning(
-            "%s: excluded %d of %d rows with a missing score for a selected model "
-            "(missing per model: %s)",
-            source,
-            int((~keep).sum()),
-            len(keep),
-            ", ".join(f"{m}: {k}" for m, k in per_model.items()),
-        )
+        note = (f"{source}: excluded {int((~keep).sum())} of {len(keep)} rows with a missing "
+                "score for a selected model (missing per model: "
+                f"{', '.join(f'{m}: {k}' for m, k in per_model.items())})")
+        # Once per process: a run, its report and every seed read the same file.
+        if note not in _NOTED:
+            _NOTED.add(note)
+            log.warning("%s", note)
     if not keep.any():
         raise DataError(
             "no row has a score for every selected model",

@@ -273,9 +273,12 @@ def run(
         summary_df = with_comparison(summary_df,
                                      compare(summary_df, baseline or specs[0].display))
         if staging is not None:
-            # The policies actually run (--policy replaces the file's list), so running the
-            # saved file again runs them again.
-            ran = scenario.model_copy(update={"policies": list(specs)})
+            # The policies actually run (--policy replaces the file's list), with every
+            # param written out (defaults too), so running the saved file again runs them
+            # again even if a default changes.
+            ran = scenario.model_copy(update={"policies": [
+                s.model_copy(update={"params": reg.validate_params(s.name, s.params)
+                                     .model_dump(mode="json")}) for s in specs]})
             staging.commit(summary_df, dump_scenario(ran))
     except BaseException:
         if staging is not None:

@@ -153,8 +153,8 @@ class Decision:
 
     `llm` is the chosen deployment name. `scores`, when given, is one score per
     `ClusterView.names` entry (recorded as `score__<llm>`); `terms` maps a term name (e.g.
-    "quality", "cost", "uncertainty", "penalty") to per-candidate arrays aligned the same way
-    (recorded as `<term>__<llm>`). `extra` sends the same query also to these deployments
+    "quality_pred", "cost_pred_usd": units in the name) to per-candidate arrays aligned the
+    same way (recorded as `<term>__<llm>`). `extra` sends the same query also to these deployments
     (top-k); `keep` (one of KEEP_RULES) says which answer the user receives: "primary" (the
     `llm` answer), "best_judged" (the answer the scenario's judge scores highest: realised
     quality plus the judge's noise, the scorer cascades use; a rule a real router can run)

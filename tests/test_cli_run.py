@@ -62,6 +62,10 @@ def test_list_shows_policies_and_scenarios():
     assert res.exit_code == 0
     for name in ("random", "least_loaded", "oracle", "load_spike"):
         assert name in res.output
+    text = " ".join(res.output.replace("│", " ").split())
+    # Notes end at a sentence's end, not at a docstring's line break or a column width.
+    assert "is already predicted)." in text  # mlp's note spans three docstring lines
+    assert "(the MixLLM paper's step, Wang et al. NAACL 2025" in text  # llm_addition's
 
 
 def test_rate_limit_rejects_excess():
@@ -380,7 +384,8 @@ def test_the_saved_scenario_runs_the_policies_that_ran(tmp_path):
     import yaml
 
     assert yaml.safe_load(saved.read_text())["policies"] == [
-        {"name": "cheapest", "params": {}, "label": None},
+        # Every param written out, defaults too: a later default change leaves a rerun alone.
+        {"name": "cheapest", "params": {"output_share": 0.5}, "label": None},
         {"name": "least_loaded", "params": {}, "label": None},
     ]
     again = runner.invoke(app, ["run", str(saved), "--out", str(tmp_path / "again"),
@@ -427,3 +432,4 @@ def test_a_policy_picked_by_name_or_label_keeps_the_scenarios_params(tmp_path):
                                 "--out", str(tmp_path / "o2")])
     # Both pick the scenario's entry of that policy.
     assert twice.exit_code == 2 and "'random again' is given twice" in twice.output
+

@@ -96,8 +96,8 @@ def test_oracle_bounds_everyone_and_routers_beat_random(result):
     assert summary["policy"][0] == "oracle_frontier"  # sorted by AIQ: the bound is on top
     routers = summary.filter(pl.col("kind") == "router")
     assert routers["beats_random"].all()
-    zero = summary.filter(pl.col("policy") == "zero_router")["aiq"][0]
-    assert routers.filter(pl.col("policy") == "knn")["aiq"][0] > zero
+    zero = summary.filter(pl.col("policy") == "zero_router")["aiq_pct"][0]
+    assert routers.filter(pl.col("policy") == "knn")["aiq_pct"][0] > zero
 
 
 def test_direct_oracle_matches_the_registered_one(wl, result):
@@ -137,7 +137,7 @@ def test_aiq_is_over_the_single_llms_cost_range_whatever_else_is_compared(result
     lo, hi = singles.min(), singles.max()
     knn = pts.filter(pl.col("policy") == "knn")
     expected = aiq(knn["cost_pct"].to_numpy(), knn["quality_pct"].to_numpy(), lo, hi)
-    got = result.summary.filter(pl.col("policy") == "knn")["aiq"][0]
+    got = result.summary.filter(pl.col("policy") == "knn")["aiq_pct"][0]
     assert got == pytest.approx(expected)
     # A router that spends far more than any LLM (a cascade running its whole chain) or one
     # dropped from the table moves no other router's AIQ.
@@ -145,7 +145,7 @@ def test_aiq_is_over_the_single_llms_cost_range_whatever_else_is_compared(result
                           schema=pts.schema, orient="row")
     for variant in (pl.concat([pts, lavish]), pts.filter(pl.col("policy") != "mlp")):
         row = aiq_table(variant).filter(pl.col("policy") == "knn")
-        assert row["aiq"][0] == pytest.approx(got)
+        assert row["aiq_pct"][0] == pytest.approx(got)
 
 
 # --------------------------------------------------------------------------- honesty

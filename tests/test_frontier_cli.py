@@ -33,7 +33,7 @@ def test_frontier_command(tmp_path):
     assert pts.filter(pl.col("kind") == "llm").height == 3
     knn = aiq.filter(pl.col("policy") == "knn").row(0, named=True)
     oracle = aiq.filter(pl.col("policy") == "oracle_frontier").row(0, named=True)
-    assert knn["aiq"] <= oracle["aiq"]
+    assert knn["aiq_pct"] <= oracle["aiq_pct"]
     assert (out / "frontier.html").read_text().count("Plotly.newPlot") >= 1
     resolved = load_scenario(out / "scenario.yaml")  # what was swept, with its seed
     assert resolved.seed == 3 and resolved.policies == ["knn"]

@@ -94,8 +94,8 @@ def query(wl: Workload, i: int, row: int) -> Query:
 def recompute_score(dec: Decision, lam: float) -> np.ndarray:
     t = dec.terms
     return (
-        quality_weight(lam) * t["quality"] - cost_weight(lam) * t["cost"]
-        + t["uncertainty"] - t["penalty"]
+        quality_weight(lam) * t["quality_pred"] - cost_weight(lam) * t["cost_pred_ref_queries"]
+        + t["uncertainty_bonus"] - t["latency_penalty"]
     )
 
 
@@ -109,14 +109,15 @@ def test_decision_is_argmax_of_documented_score():
     view.est_wait_s[:] = [0.0, 12.0, 40.0]  # penalty differs per candidate
     for i, row in enumerate(wl.rows(SPLIT_TEST)[:200]):
         dec = pol.route(query(wl, i, int(row)), view)
-        assert set(dec.terms) == {"quality", "cost", "uncertainty", "penalty"}
+        assert set(dec.terms) == {"quality_pred", "cost_pred_ref_queries", "uncertainty_bonus",
+                                  "latency_penalty"}
         for arr in (*dec.terms.values(), dec.scores):
             assert arr.shape == (len(llms),)
         expected = recompute_score(dec, lam)
         np.testing.assert_allclose(dec.scores, expected, rtol=1e-12, atol=1e-12)
         assert dec.llm == view.names[int(np.argmax(expected))]
     pen = latency_penalty(view.est_wait_s, beta=0.1, gamma=0.1, xi=0.8, tau_s=30.0)
-    np.testing.assert_allclose(dec.terms["penalty"], pen)
+    np.testing.assert_allclose(dec.terms["latency_penalty"], pen)
 
 
 def test_uncertainty_term_is_alpha_sqrt_x_ainv_x_of_the_queries_each_llm_served():
@@ -133,7 +134,7 @@ def test_uncertainty_term_is_alpha_sqrt_x_ainv_x_of_the_queries_each_llm_served(
         dec = pol.route(query(wl, i, int(row)), view)
         x = pol._u[row]
         expected = [alpha * np.sqrt(x @ np.linalg.solve(a[nm], x)) for nm in view.names]
-        np.testing.assert_allclose(dec.terms["uncertainty"], expected, rtol=1e-9)
+        np.testing.assert_allclose(dec.terms["uncertainty_bonus"], expected, rtol=1e-9)
         a[dec.llm] += np.outer(x, x)
     # The check covered matrices that had learned something, for more than one LLM.
     assert sum(np.trace(m) > d for m in a.values()) >= 2
@@ -287,7 +288,7 @@ def test_best_judged_fan_outs_count_the_judges_price_in_each_answers_cost():
     def cost_terms(keep: str, top_k: int = 2):
         pol = registry.create("mixllm", {"top_k": top_k, "keep": keep})
         pol.setup(replace(context(wl, llms), judge=judge))
-        return pol, pol.route(query(wl, 0, 5), idle_view(llms)).terms["cost"]
+        return pol, pol.route(query(wl, 0, 5), idle_view(llms)).terms["cost_pred_ref_queries"]
 
     pol, judged = cost_terms("best_judged")
     _, primary = cost_terms("primary")
@@ -347,7 +348,7 @@ def test_uncertainty_bonus_shrinks_as_an_llm_serves_similar_queries():
     chosen = 1
     row = int(wl.rows(SPLIT_TEST)[0])
     bonus = np.array(
-        [pol.route(query(wl, i, row), view).terms["uncertainty"] for i in range(30)]
+        [pol.route(query(wl, i, row), view).terms["uncertainty_bonus"] for i in range(30)]
     )
     served = bonus[:, chosen]
     assert np.all(np.diff(served) < 0)  # strictly shrinking for the LLM that serves
@@ -524,7 +525,7 @@ def test_views_with_inf_wait_for_down_llms_are_handled():
     view.est_wait_s[:] = [0.0, 5.0, np.inf]
     with np.errstate(all="raise"):
         dec = flat.route(query(wl, 0, int(wl.rows(SPLIT_TEST)[0])), view)
-    np.testing.assert_array_equal(dec.terms["penalty"], [0.1, 0.1, 0.1])
+    np.testing.assert_array_equal(dec.terms["latency_penalty"], [0.1, 0.1, 0.1])
     assert np.isfinite(dec.scores).all()
     np.testing.assert_array_equal(
         latency_penalty(view.est_wait_s, beta=0.1, gamma=0.0, xi=0.8, tau_s=30.0), [0.1] * 3
@@ -594,10 +595,10 @@ def test_a_unit_set_before_the_reference_joins_is_replaced_by_it_once():
     ref_unit = make_policy(wl, llms)._cost_unit
     assert pol._cost_unit == pytest.approx(ref_unit) and ref_unit > 10 * provisional
     row = int(wl.rows(SPLIT_TEST)[0])
-    cost = pol.route(query(wl, 0, row), idle_view(llms)).terms["cost"]
+    cost = pol.route(query(wl, 0, row), idle_view(llms)).terms["cost_pred_ref_queries"]
     # Every answer is 60 tokens, so warm-start length predictions are exact: same costs.
     np.testing.assert_allclose(cost, make_policy(wl, llms).route(
-        query(wl, 0, row), idle_view(llms)).terms["cost"], rtol=1e-12)
+        query(wl, 0, row), idle_view(llms)).terms["cost_pred_ref_queries"], rtol=1e-12)
     # Removed and re-added, the reference does not move the unit again.
     pol.on_llm_removed("dear")
     pol.on_llm_added(llms[2])
@@ -624,7 +625,8 @@ def test_price_change_reprices_the_cost_term_and_moves_traffic():
     after = req.filter(pl.col("arrival_s") >= at)
     # Against mistral-7b's unchanged term, per request: gpt-4's price fell at least 1000x
     # (10/30 -> 0.01/0.01 per Mtok), so the ratio's median falls by far more than 100x.
-    ratio = (pl.col("cost__gpt-4") / pl.col("cost__mistral-7b")).median()
+    ratio = (pl.col("cost_pred_ref_queries__gpt-4")
+             / pl.col("cost_pred_ref_queries__mistral-7b")).median()
     r_before = before.select(ratio).item()
     r_after = after.select(ratio).item()
     assert r_after < r_before / 100

@@ -96,17 +96,17 @@ def test_routing_uses_the_posterior_and_a_reset_forgets_it():
     view = idle_view(llms)
     row = int(wl.rows(SPLIT_TEST)[0])
     col = llms[0].model_col
-    before = pol.route(query(wl, 0, row), view).terms["quality"][0]
+    before = pol.route(query(wl, 0, row), view).terms["quality_pred"][0]
     for i in range(8):
         pol.feedback(Feedback(i, row, llms[0].name, 0.0, float(i)))
     k = pol._online_prior_n
     want = k * pol.q_hat[row, col] / (k + 8)  # 8 wrong answers of the query itself
-    after = pol.route(query(wl, 1, row), view).terms["quality"][0]
+    after = pol.route(query(wl, 1, row), view).terms["quality_pred"][0]
     assert after == pytest.approx(want) and after < before
     pol.set_tradeoff(3.0, reset=False)  # a sweep point keeping what was learned
-    assert pol.route(query(wl, 2, row), view).terms["quality"][0] == pytest.approx(want)
+    assert pol.route(query(wl, 2, row), view).terms["quality_pred"][0] == pytest.approx(want)
     pol.set_tradeoff(3.0)  # reset: back to the offline prediction
-    assert pol.route(query(wl, 3, row), view).terms["quality"][0] == pytest.approx(before)
+    assert pol.route(query(wl, 3, row), view).terms["quality_pred"][0] == pytest.approx(before)
 
 
 def test_the_critics_neighbourhood_is_200_rows_unless_set():
@@ -145,9 +145,9 @@ def test_a_decisions_recorded_quality_does_not_move_with_later_feedback():
     pol = make_policy(wl, llms, online=True, update_every=1)
     row = int(wl.rows(SPLIT_TEST)[0])
     dec = pol.route(query(wl, 0, row), idle_view(llms))
-    held = dec.terms["quality"].copy()
+    held = dec.terms["quality_pred"].copy()
     pol.feedback(Feedback(0, row, llms[0].name, 0.0, 0.0))
-    np.testing.assert_array_equal(dec.terms["quality"], held)
+    np.testing.assert_array_equal(dec.terms["quality_pred"], held)
 
 
 def test_both_uses_the_ridge_corrected_prediction_as_the_posteriors_prior():
@@ -164,7 +164,7 @@ def test_both_uses_the_ridge_corrected_prediction_as_the_posteriors_prior():
     assert delta < 0  # the ridge learned that the offline prediction was too high
     # Posterior mean with prior (offline + ridge correction) worth k answers, 8 zeros seen.
     want = k * (pol.q_hat[row, col] + delta) / (k + 8)
-    got = pol.route(query(wl, 9, row), idle_view(llms)).terms["quality"][0]
+    got = pol.route(query(wl, 9, row), idle_view(llms)).terms["quality_pred"][0]
     assert got == pytest.approx(want)
     # Not the sum of both critics' pulls (the same 8 answers counted twice): the ridge's
     # correction enters with the prior's weight k / (k + 8) only.

@@ -68,7 +68,7 @@ def test_default_knob_is_from_the_grid_and_route_returns_scores(name, wl):
     d = pol.route(_query(wl, 0), view)
     assert d.llm in view.names
     assert d.scores.shape == (3,)
-    assert set(d.terms) == {"quality", "cost"}
+    assert set(d.terms) == {"quality_pred", "cost_pred_usd"}
 
 
 def test_knn_learns_the_regions(wl):

@@ -736,7 +736,8 @@ class MixLLMPolicy(BasePolicy):
         return Decision(
             llm=self._names[best],
             scores=score,
-            terms={"quality": q, "cost": self._cc[r], "uncertainty": unc, "penalty": pen},
+            terms={"quality_pred": q, "cost_pred_ref_queries": self._cc[r],
+                   "uncertainty_bonus": unc, "latency_penalty": pen},
             extra=extra,
             # One answer is kept whatever the rule: saying so keeps a judge from being billed
             # for a fan-out that did not happen.
