@@ -150,7 +150,7 @@ def part_frontier(wl, llms, ref, baselines: list[str]) -> None:
             print(f"{name + knob:34s} {row['quality_pct']:9.1f} {row['cost_pct']:8.1f}{mark}")
     print("\nAIQ (mean of the non-decreasing hull over the single LLMs' cost range):")
     for row in res.summary.iter_rows(named=True):
-        print(f"  {row['policy']:20s} {row['aiq']:7.2f}")
+        print(f"  {row['policy']:20s} {row['aiq_pct']:7.2f}")
     print("\nhull quality % at a cost level (mixllm vs baselines):")
     header = "cost %   " + " ".join(f"{n:>9s}" for n in ("mixllm", *baselines))
     print(header)

@@ -432,8 +432,13 @@ class Planner:
                 not e.meets_slo, round(e.p95_wait_s, 6), -round(e.quality_pct, 6),
                 e.cost_per_hour))
             what = self._what_fails(best)
-            msg = (f"no configuration within --max-replicas {self.max_replicas} meets {what}; "
-                   f"best found: {self._describe(best)}")
+            if top in self.cache:  # the most capacity there is fails too
+                msg = (f"no configuration within --max-replicas {self.max_replicas} meets "
+                       f"{what}; best found: {self._describe(best)}")
+            else:
+                msg = (f"the evaluation budget of {self.max_evaluations} configurations "
+                       f"(--max-evaluations) ran out before one meeting {what} was found "
+                       f"(a larger budget may find one); best found: {self._describe(best)}")
             return self._labelled(Plan(self, best, False, False, notes,
                                        list(self.cache.values()), msg))
         chosen, minimal = self._descend(cur)

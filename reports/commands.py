@@ -97,7 +97,7 @@ def plan(
                   f"{100 * d['utilisation']:.0f}%", f"{100 * d['late_share']:.1f}%")
     console.print(t)
     say(result.message)
-    say(f"plan: {json_path}  {html_path}  (config: scenario.yaml; chosen replicas, ready to "
-        "run: chosen.yaml)")
+    say(f"plan: {json_path}  {html_path}  (config: scenario.yaml; the "
+        f"{'chosen' if result.feasible else 'best found'} replicas, ready to run: chosen.yaml)")
     if not result.feasible:
         raise typer.Exit(EXIT_NO_PLAN)

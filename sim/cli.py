@@ -123,7 +123,7 @@ def run(
     """Simulate every (policy, seed) of a scenario and compare them."""
     from sim.compare import compare, compare_tables, upper_bound_policies
     from sim.record import check_out_dir
-    from sim.runner import check_models, resolve_policies
+    from sim.runner import baseline_label, check_models, resolve_policies
     from sim.runner import run as run_all
 
     try:
@@ -133,10 +133,7 @@ def run(
         specs = resolve_policies(sc, policy)
         check_models(sc)
         labels = [s.display for s in specs]
-        if baseline is not None and baseline not in labels:
-            raise RouteSimError(
-                f"{baseline!r} is not one of the policies run; choose one of: "
-                f"{', '.join(labels)}", field="--baseline")
+        baseline = baseline_label(sc, baseline, labels, field="--baseline")
     except RouteSimError as exc:
         fail(exc.with_source(_source_of(scenario)))
     total = len(specs) * seeds
@@ -249,8 +246,9 @@ def list_things() -> None:
         if path is not None:
             lines = [ln[1:].strip() for ln in path.read_text().splitlines() if ln.startswith("#")]
             text = " ".join(lines)
-            # The first sentence ("et al." and "e.g." do not end one).
-            first = re.split(r"(?<!\bal)(?<!\be\.g)\.\s+(?=[A-Z])", text, maxsplit=1)[0]
+            # The first sentence ("et al.", "e.g.", "i.e." and "vs." do not end one).
+            first = re.split(r"(?<!\bal)(?<!\be\.g)(?<!\bi\.e)(?<!\bvs)\.\s+", text,
+                             maxsplit=1)[0]
             first = first.rstrip(".") + "."
             if len(first) > 140:  # cut at a word, and say so
                 first = first[:140].rsplit(" ", 1)[0] + " ..."

@@ -60,6 +60,21 @@ def scenario_policy_entry(scenario: Scenario, name: str) -> tuple[int | None, Po
     return None, PolicySpec(name=name)
 
 
+def baseline_label(scenario: Scenario, baseline: str | None, labels: Sequence[str],
+                   field: str = "baseline") -> str | None:
+    """The label of the run `baseline` names: a label run, or a policy name whose scenario
+    entry (as `--policy` picks it) was run; anything else is an error listing the labels."""
+    if baseline is None or baseline in labels:
+        return baseline
+    picked = scenario_policy_entry(scenario, baseline)[1].display
+    if picked in labels:
+        return picked
+    raise RouteSimError(
+        f"{baseline!r} is not one of the policies run; choose one of: {', '.join(labels)}",
+        field=field,
+    )
+
+
 def resolve_policies(
     scenario: Scenario, names: Sequence[str | PolicySpec] | None = None
 ) -> list[PolicySpec]:
@@ -184,6 +199,21 @@ def safe_dirname(label: str, *, field: str | None = None) -> str:
     return name
 
 
+# Most file systems allow 255 bytes in one file name.
+MAX_DIRNAME_BYTES = 255
+
+
+def check_dirname_length(label: str, field: str) -> None:
+    """A policy label names its runs' directory: it must fit one file name."""
+    n = len(safe_dirname(label, field=field).encode())
+    if n > MAX_DIRNAME_BYTES:
+        raise RouteSimError(
+            f"{label[:40]!r}... names the runs' directory, and is {n} bytes long; file "
+            f"systems allow {MAX_DIRNAME_BYTES}: give it a shorter `label`",
+            field=field,
+        )
+
+
 def run(
     scenario: Scenario | str | Path | None = None,
     policies: Sequence[str | PolicySpec] | None = None,
@@ -210,11 +240,7 @@ def run(
     specs = resolve_policies(scenario, policies)
     check_models(scenario)
     labels = [s.display for s in specs]
-    if baseline is not None and baseline not in labels:  # before any run, not after all
-        raise RouteSimError(
-            f"baseline {baseline!r} is not one of the policies run: {', '.join(labels)}",
-            field="baseline",
-        )
+    baseline = baseline_label(scenario, baseline, labels)  # before any run, not after all
     seed_list = (
         [scenario.seed + k for k in range(seeds)] if isinstance(seeds, int) else list(seeds)
     )
@@ -226,6 +252,10 @@ def run(
     where = "--policy" if policies else "policies"
     summaries: list[dict[str, Any]] = []
     req_frames, tl_frames, ev_frames = [], [], []
+    if out_dir is not None:
+        for i, spec in enumerate(specs):
+            check_dirname_length(spec.display, f"{where}.{i}.label" if where == "policies"
+                                 else where)
     try:
         if out_dir is not None:
             check_out_dir(out)  # as given: Path("") would already be "."

@@ -38,8 +38,8 @@ class Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
-# A scenario name or policy label names a directory, and a run stages it under a name
-# about 90 characters longer (see sim.runner.Staging); file systems allow 255 bytes.
+# A scenario name names a directory, and a run stages it under a name about 90 characters
+# longer (see sim.runner._Staging); file systems allow 255 bytes.
 MAX_NAME_CHARS = 120
 
 # strict: a quoted "100" is a string, not a number (an int is still a float).
@@ -369,8 +369,9 @@ class JudgeSpec(Spec):
 class PolicySpec(Spec):
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
-    # Display name (several configs of one policy); it names the runs' directory too.
-    label: Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)] | None = None
+    # Display name (several configs of one policy); it names the runs' directory too (a
+    # run with outputs checks that it fits one: sim.runner.check_dirname_length).
+    label: str | None = None
 
     @property
     def display(self) -> str:

@@ -226,6 +226,10 @@ def test_the_plan_never_simulates_more_configurations_than_its_budget(budget):
                    max_evaluations=budget).plan()
     assert not plan.feasible
     assert len(plan.tried) == budget
+    # Said as it is: the budget ran out before every LLM at --max-replicas was tried, or
+    # that configuration, the most capacity there is, fails too.
+    top_tried = (3, 3) in {e.config for e in plan.tried}
+    assert ("no configuration within" if top_tried else "evaluation budget of") in plan.message
 
 
 def test_plans_for_routers_that_see_ground_truth_are_labelled_upper_bounds(tmp_path):

@@ -433,3 +433,21 @@ def test_a_policy_picked_by_name_or_label_keeps_the_scenarios_params(tmp_path):
     # Both pick the scenario's entry of that policy.
     assert twice.exit_code == 2 and "'random again' is given twice" in twice.output
 
+
+
+def test_a_baseline_named_by_policy_is_the_label_that_policy_ran_under(tmp_path):
+    import yaml
+
+    data = scenario(duration_s=60).model_dump(mode="json")
+    data["policies"] = [{"name": "random", "label": "rnd"}, "round_robin"]
+    path = tmp_path / "sc.yaml"
+    path.write_text(yaml.safe_dump(data))
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["run", str(path), "-p", "round_robin", "-p", "random",
+                              "--baseline", "random", "--out", str(out), "--no-report"])
+    assert res.exit_code == 0, res.output
+    summary = pl.read_parquet(out / "summary.parquet")
+    assert set(summary["baseline"].drop_nulls()) == {"rnd"}
+    bad = runner.invoke(app, ["run", str(path), "--baseline", "cheapest",
+                              "--out", str(tmp_path / "o2")])
+    assert bad.exit_code == 2 and "--baseline" in bad.output and "rnd, round_robin" in bad.output

@@ -12,7 +12,8 @@ which starts at the offline prediction, moves only as evidence near j piles up, 
 the winner's curse (the LLM chosen is the one whose quality was over-predicted, and only the
 chosen LLM is observed) locally, where a linear correction on a low-dimensional context
 cannot. It needs no gradient steps: a batch of feedback adds counts along precomputed reverse
-neighbour lists, O(batch x n_neighbours), and the decision itself only indexes arrays.
+neighbour lists (one sparse product, O(batch x n_neighbours), plus an add over the (n, C)
+counts), and the decision itself only indexes arrays.
 
 Bandit feedback shows the chosen LLM's answer only, but answers to one query are correlated
 across LLMs, so a reward also says something about the LLMs not chosen. `AnswerCorrelation`

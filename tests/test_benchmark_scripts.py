@@ -1,5 +1,6 @@
-"""The benchmark scripts treat bad flags like the CLI treats bad input: one line naming the
-flag and the rule, exit code 2, no traceback, before any timing starts."""
+"""The benchmark scripts run their parts on a small workload, and treat bad flags like the
+CLI treats bad input: one line naming the flag and the rule, exit code 2, no traceback,
+before any timing starts."""
 
 from __future__ import annotations
 
@@ -31,3 +32,15 @@ def test_bad_flags_are_usage_errors(script, args, said):
                          text=True, timeout=120)
     assert res.returncode == 2, res.stderr
     assert said in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+def test_the_mixllm_benchmark_parts_run_on_a_small_synthetic_workload(capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import bench_mixllm
+
+    wl, llms, ref = bench_mixllm.load_synthetic(600)
+    bench_mixllm.part_frontier(wl, llms, ref, ["knn"])
+    bench_mixllm.part_online(wl, llms, ref, 2, {"online": True})
+    out = capsys.readouterr().out
+    assert "AIQ (mean of the non-decreasing hull" in out and "mixllm default" in out
+    assert "mean online - offline (se)" in out
