@@ -406,18 +406,13 @@ def test_a_looped_trace_beyond_any_run_is_refused(tmp_path):
 
 def test_validate_reads_the_data_files_family_names(tmp_path):
     # A typo in a RouterBench mix passed validate and failed every run.
-    from test_routerbench import make_rows
+    from test_routerbench import make_rows, write_scenario
     from test_routerbench import write as write_table
 
-    path = write_table(tmp_path, make_rows())
-    sc = tmp_path / "rb.yaml"
-    sc.write_text(yaml.safe_dump({
-        "name": "rb", "duration_s": 100, "arrivals": {"kind": "poisson", "rate_per_s": 1},
-        "workload": {"source": "routerbench", "path": str(path), "reference_llm": "big-model",
-                     "encoder": {"kind": "hashing"}},
-        "llms": [{"name": "big-model", "price_in_per_mtok": 1, "price_out_per_mtok": 1}],
-        "events": [{"at_s": 10, "mix_change": {"mix": {"quiz": 1, "cods": 1}}}],
-    }))
+    sc = write_scenario(
+        tmp_path, write_table(tmp_path, make_rows()),
+        [{"name": "big-model", "price_in_per_mtok": 1, "price_out_per_mtok": 1}],
+        events=[{"at_s": 10, "mix_change": {"mix": {"quiz": 1, "cods": 1}}}])
     res = runner.invoke(app, ["validate", str(sc)])
     assert res.exit_code == 2, res.output
     assert "events.0.mix_change.mix.cods" in res.output and "did you mean 'code'" in res.output

@@ -347,23 +347,28 @@ def test_routerbench_steady_scenario(tmp_path):
         assert w.models == tuple(x.model_name for x in sc.llms)
 
 
-def test_an_llm_without_data_is_the_scenarios_field_before_any_data_is_read(tmp_path):
+def write_scenario(tmp_path: Path, table: Path, llms: list[dict], **extra) -> Path:
+    """A scenario over the data file `table` (hashing encoder), the first LLM the reference."""
     import yaml
+
+    sc = tmp_path / "rb.yaml"
+    sc.write_text(yaml.safe_dump({
+        "name": "rb", "duration_s": 100, "arrivals": {"kind": "poisson", "rate_per_s": 1},
+        "workload": {"source": "routerbench", "path": str(table),
+                     "reference_llm": llms[0]["name"], "encoder": {"kind": "hashing"}},
+        "llms": llms, **extra,
+    }))
+    return sc
+
+
+def test_an_llm_without_data_is_the_scenarios_field_before_any_data_is_read(tmp_path):
     from typer.testing import CliRunner
 
     from sim.cli import app
 
-    path = write(tmp_path, make_rows())
-    sc = tmp_path / "sc.yaml"
-    sc.write_text(yaml.safe_dump({
-        "name": "rb", "duration_s": 10, "arrivals": {"kind": "poisson", "rate_per_s": 1},
-        "workload": {"source": "routerbench", "path": str(path), "reference_llm": "big",
-                     "encoder": {"kind": "hashing"}},
-        "llms": [{"name": "big", "model": "big-model", "price_in_per_mtok": 10,
-                  "price_out_per_mtok": 30},
-                 {"name": "new", "model": "gpt-9", "price_in_per_mtok": 1,
-                  "price_out_per_mtok": 1}],
-    }))
+    sc = write_scenario(tmp_path, write(tmp_path, make_rows()), [
+        {"name": "big", "model": "big-model", "price_in_per_mtok": 10, "price_out_per_mtok": 30},
+        {"name": "new", "model": "gpt-9", "price_in_per_mtok": 1, "price_out_per_mtok": 1}])
     for command in ("validate", "run"):
         res = CliRunner().invoke(app, [command, str(sc)] + (
             ["--out", str(tmp_path / "o")] if command == "run" else []))

@@ -404,7 +404,8 @@ def test_a_policys_encoder_directories_resolve_beside_the_scenario_file(tmp_path
 
 def test_an_unknown_baseline_fails_before_any_run(tmp_path):
     ran = []
-    with pytest.raises(RouteSimError, match="baseline: 'cheapst' is not one of the policies run") as err:
+    with pytest.raises(RouteSimError,
+                       match="baseline: 'cheapst' is not one of the policies run") as err:
         run(grid_scenario(), policies=["random", "cheapest"], seeds=2, out=tmp_path / "o",
             baseline="cheapst", on_run_done=ran.append)
     assert err.value.field == "baseline" and ran == [] and not (tmp_path / "o").exists()
