@@ -355,6 +355,9 @@ def test_signals_during_a_held_block_come_after_it():
     r, w = os.pipe()
     os.set_blocking(w, False)
     previous_fd = signal.set_wakeup_fd(w)
+    # Python's own Ctrl-C handler: a process started in the background by a shell (a CI job
+    # run with `&`) inherits SIGINT ignored, and an ignored signal is held as ignored.
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     reached_end = False
     try:
         with pytest.raises(KeyboardInterrupt), _signals_held():
@@ -363,14 +366,16 @@ def test_signals_during_a_held_block_come_after_it():
             for _ in range(1000):  # Python runs its handler at the next check
                 pass
             reached_end = True
+        restored = signal.getsignal(signal.SIGINT)  # the block put back the handler it found
     finally:
+        signal.signal(signal.SIGINT, previous_int)
         signal.set_wakeup_fd(previous_fd)
         os.close(r)
         os.close(w)
         idle.set()
         other.join()
     assert reached_end
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert restored is signal.default_int_handler
 
 
 def test_the_saved_scenario_runs_the_policies_that_ran(tmp_path):
